@@ -1,0 +1,40 @@
+"""Shared tiny fixtures, built once per test session (see megatron_kaja/tiny.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_kaja.tiny import build_tiny_hf_model, build_tiny_tokenizer
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny MHA llm-jp-3-shaped HF checkpoint (like 13b), with the tiny tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_hf_mha")
+    build_tiny_hf_model(path, "mha", seed=0, tokenizer_dir=tiny_tokenizer_dir)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_gqa_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny GQA llm-jp-3-shaped HF checkpoint (like 172b), with the tiny tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_hf_gqa")
+    build_tiny_hf_model(path, "gqa", seed=1, tokenizer_dir=tiny_tokenizer_dir)
+    return path
