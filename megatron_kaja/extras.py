@@ -30,7 +30,9 @@ def require(module: str, feature: str | None = None) -> ModuleType:
             how = "NVIDIA apex is built from source on GPU machines; see the README"
         else:
             how = f"install it with `pip install 'megatron-kaja[{extra}]'`"
-        raise MissingExtraError(f"{what} needs the package '{module}', which is missing: {how}") from exc
+        raise MissingExtraError(
+            f"{what} needs the package '{module}', which is missing: {how}"
+        ) from exc
 
 
 def is_available(module: str) -> bool:

@@ -9,7 +9,10 @@ def test_tokenizer_has_llmjp_special_ids_and_template(tiny_tokenizer_dir):
         assert tok.convert_tokens_to_ids(name) == i
     assert tok("こんにちは")["input_ids"][0] == 1  # BOS added by default, like llm-jp's
     text = tok.apply_chat_template(
-        [{"role": "user", "content": "日本の首都は?"}, {"role": "assistant", "content": "東京です。"}],
+        [
+            {"role": "user", "content": "日本の首都は?"},
+            {"role": "assistant", "content": "東京です。"},
+        ],
         tokenize=False,
     )
     assert text == "<s>\n\n### 指示:\n日本の首都は?\n\n### 応答:\n東京です。</s>"

@@ -1,0 +1,260 @@
+"""HF <-> megatron-core conversion of llm-jp-3 checkpoints, streamed tensor by tensor.
+
+Conversion never builds the model: it maps tensors with the declarative key map in
+`megatron_kaja.models.llama.state_dict`. Everything is validated before anything is written,
+and output goes to a temporary folder beside the destination that is renamed at the end,
+so a killed conversion leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_kaja.checkpoint.hf import (
+    CheckpointError,
+    HFCheckpointReader,
+    PlannedTensor,
+    write_hf_metadata,
+    write_safetensors_streaming,
+)
+from megatron_kaja.checkpoint.legacy import TRACKER_FILE, LegacyReader, write_legacy
+from megatron_kaja.checkpoint.torch_dist import TorchDistReader, write_torch_dist
+from megatron_kaja.models.llama.config import (
+    LlamaArch,
+    check_parallel_layout,
+    padded_vocab_size,
+)
+from megatron_kaja.models.llama.model import TRANSFORMER_IMPLS
+from megatron_kaja.models.llama.state_dict import (
+    EMBEDDING,
+    FINAL_NORM,
+    LAYER_MAPPINGS,
+    OUTPUT_LAYER,
+    TensorMapping,
+    hf_keys,
+    hf_shapes,
+)
+
+META_FILE = "megatron_kaja.json"
+FORMATS = ("torch_dist", "legacy")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class McoreCheckpointMeta:
+    """What a converted megatron checkpoint holds, stored beside it as megatron_kaja.json."""
+
+    format: str
+    arch: dict
+    padded_vocab_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    transformer_impl: str
+    dtype: str
+    iteration: int = 0
+
+    def save(self, ckpt_dir: Path) -> None:
+        (ckpt_dir / META_FILE).write_text(
+            json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8"
+        )
+
+    @classmethod
+    def load(cls, ckpt_dir: Path) -> McoreCheckpointMeta | None:
+        path = Path(ckpt_dir) / META_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checkpoint_dtype(reader: HFCheckpointReader) -> torch.dtype:
+    name = reader.config.get("torch_dtype") or reader.config.get("dtype")
+    if name in DTYPES:
+        return DTYPES[name]
+    code = reader.dtype(hf_keys(EMBEDDING)[0])
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
+
+
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "torch_dist",
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    transformer_impl: str = "local",
+    dtype: str | None = None,
+    make_vocab_size_divisible_by: int = 128,
+    progress: bool = True,
+) -> McoreCheckpointMeta:
+    """Convert an llm-jp-3 HF checkpoint folder into a megatron-core checkpoint at `out`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: use one of {FORMATS}")
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"transformer impl {transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
+    with HFCheckpointReader(hf_dir) as reader:
+        arch = reader.arch
+        check_parallel_layout(arch, tensor_parallel_size, pipeline_parallel_size)
+        reader.validate(hf_shapes(arch))
+        out_dtype = DTYPES[dtype] if dtype else _checkpoint_dtype(reader)
+        padded = padded_vocab_size(
+            arch.vocab_size, tensor_parallel_size, make_vocab_size_divisible_by
+        )
+        bar = tqdm(
+            total=arch.num_layers + 3, desc="hf -> mcore", unit="layer", disable=not progress
+        )
+
+        def global_tensor(mapping: TensorMapping, layer: int | None) -> torch.Tensor:
+            hf = [reader.get(k) for k in hf_keys(mapping, layer)]
+            if mapping in (LAYER_MAPPINGS[-1], EMBEDDING, FINAL_NORM, OUTPUT_LAYER):
+                bar.update()
+            return mapping.global_from_hf(arch, hf, padded).to(out_dtype)
+
+        meta = McoreCheckpointMeta(
+            format=fmt,
+            arch=arch.to_dict(),
+            padded_vocab_size=padded,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            transformer_impl=transformer_impl,
+            dtype=_dtype_name(out_dtype),
+        )
+        with atomic_output_dir(out) as tmp:
+            if fmt == "torch_dist":
+                write_torch_dist(tmp, arch, padded, out_dtype, global_tensor, transformer_impl)
+            else:
+                write_legacy(
+                    tmp,
+                    arch,
+                    padded,
+                    out_dtype,
+                    global_tensor,
+                    tensor_parallel_size,
+                    pipeline_parallel_size,
+                    transformer_impl,
+                )
+            meta.save(tmp)
+        bar.close()
+    return meta
+
+
+def detect_format(ckpt_dir: Path) -> str:
+    if (ckpt_dir / "metadata.json").is_file() and (ckpt_dir / ".metadata").is_file():
+        return "torch_dist"
+    if (ckpt_dir / TRACKER_FILE).is_file():
+        return "legacy"
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"megatron checkpoint folder {ckpt_dir} does not exist")
+    raise CheckpointError(
+        f"{ckpt_dir} is neither a torch_dist checkpoint (metadata.json + .metadata) "
+        f"nor a legacy one ({TRACKER_FILE})"
+    )
+
+
+def open_mcore_checkpoint(mcore_dir: str | Path, hf_template: str | Path | None = None):
+    """A reader (TorchDistReader or LegacyReader) for any megatron checkpoint of llm-jp-3.
+
+    The architecture comes from the checkpoint's megatron_kaja.json or, for checkpoints made
+    elsewhere (Megatron-LM), from `hf_template`'s config.json.
+    """
+    mcore_dir = Path(mcore_dir)
+    fmt = detect_format(mcore_dir)
+    meta = McoreCheckpointMeta.load(mcore_dir)
+    if meta is not None:
+        arch = LlamaArch(**meta.arch)
+    elif hf_template is not None:
+        arch = LlamaArch.from_hf_config(hf_template)
+    else:
+        raise CheckpointError(
+            f"{mcore_dir} has no {META_FILE}: pass --hf-template with the model's HF config"
+        )
+    if fmt == "torch_dist":
+        reader = TorchDistReader(mcore_dir, arch)
+        reader.validate()
+    else:
+        reader = LegacyReader(mcore_dir, arch)
+    if reader.padded_vocab < arch.vocab_size:
+        raise CheckpointError(
+            f"{mcore_dir}: vocabulary of {reader.padded_vocab} rows is smaller than the "
+            f"model's vocab_size {arch.vocab_size}"
+        )
+    return reader
+
+
+def _hf_plan(arch: LlamaArch, dtype: torch.dtype) -> list[PlannedTensor]:
+    shapes = hf_shapes(arch)
+    order = list(hf_keys(EMBEDDING))
+    for layer in range(arch.num_layers):
+        order += [k for m in LAYER_MAPPINGS for k in hf_keys(m, layer)]
+    order += [*hf_keys(FINAL_NORM), *hf_keys(OUTPUT_LAYER)]
+    return [PlannedTensor(k, shapes[k], dtype) for k in order]
+
+
+def mcore_to_hf(
+    mcore_dir: str | Path,
+    out: str | Path,
+    *,
+    hf_template: str | Path | None = None,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    progress: bool = True,
+) -> Path:
+    """Convert a megatron checkpoint (torch_dist or legacy, any TP/PP) into an HF folder."""
+    template = Path(hf_template) if hf_template is not None else None
+    if template is not None and not template.is_dir():
+        raise CheckpointError(f"HF template folder {template} does not exist")
+    reader = open_mcore_checkpoint(mcore_dir, template)
+    arch = reader.arch
+    out_dtype = DTYPES[dtype] if dtype else reader.stored_dtype()
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        with tqdm(
+            total=arch.num_layers + 2, desc="mcore -> hf", unit="layer", disable=not progress
+        ) as bar:
+            (key,) = hf_keys(EMBEDDING)
+            yield key, EMBEDDING.hf_from_global(arch, reader.load_global(EMBEDDING))[0]
+            bar.update()
+            for layer in range(arch.num_layers):
+                for mapping, tensor in reader.load_layer(layer).items():
+                    yield from zip(hf_keys(mapping, layer), mapping.hf_from_global(arch, tensor))
+                bar.update()
+            for mapping in (FINAL_NORM, OUTPUT_LAYER):
+                (key,) = hf_keys(mapping)
+                yield key, mapping.hf_from_global(arch, reader.load_global(mapping))[0]
+            bar.update()
+
+    with atomic_output_dir(out) as tmp:
+        write_safetensors_streaming(tmp, _hf_plan(arch, out_dtype), tensors(), max_shard_size)
+        write_hf_metadata(tmp, arch, _dtype_name(out_dtype), template)
+    return Path(out)

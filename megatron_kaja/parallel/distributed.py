@@ -1,0 +1,130 @@
+"""Process-group set-up for torchrun / srun launches: gloo on CPU, NCCL on GPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_kaja.parallel import cpu_bridge
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this process sits in the TP x PP x DP grid."""
+
+    world_size: int
+    rank: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pipeline_parallel_size - 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """Start torch.distributed from torchrun's (or SLURM srun's) environment.
+
+    A plain `python script.py` becomes a world of one on a free loopback port.
+    """
+    if dist.is_initialized():
+        return
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+
+
+def initialize_model_parallel(
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> ParallelLayout:
+    """Set up torch.distributed, megatron-core's parallel groups and its RNG streams.
+
+    On a machine without CUDA the CPU bridge is activated first. Raises ValueError when the
+    world size is not a multiple of TP x PP.
+    """
+    cpu_bridge.activate()
+    init_process_group(timeout_minutes)
+    from megatron.core import parallel_state, tensor_parallel
+
+    world = dist.get_world_size()
+    if world % (tensor_parallel_size * pipeline_parallel_size):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor-model-parallel-size "
+            f"{tensor_parallel_size} x pipeline-model-parallel-size {pipeline_parallel_size}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel_size,
+            pipeline_model_parallel_size=pipeline_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
+            # On CPU the default groups already are gloo groups.
+            create_gloo_process_groups=torch.cuda.is_available(),
+        )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return current_layout()
+
+
+def current_layout() -> ParallelLayout:
+    """The layout of the already initialized megatron parallel state."""
+    from megatron.core import parallel_state as ps
+
+    return ParallelLayout(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        data_parallel_size=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy_model_parallel() -> None:
+    """Tear down megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
