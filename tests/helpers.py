@@ -26,6 +26,7 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(
-            f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            f"torchrun {script} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc.stdout

@@ -247,7 +247,9 @@ def mcore_to_hf(
             bar.update()
             for layer in range(arch.num_layers):
                 for mapping, tensor in reader.load_layer(layer).items():
-                    yield from zip(hf_keys(mapping, layer), mapping.hf_from_global(arch, tensor))
+                    yield from zip(
+                        hf_keys(mapping, layer), mapping.hf_from_global(arch, tensor), strict=True
+                    )
                 bar.update()
             for mapping in (FINAL_NORM, OUTPUT_LAYER):
                 (key,) = hf_keys(mapping)

@@ -208,7 +208,7 @@ def write_safetensors_streaming(
     )
     weight_map = {}
     stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
-    for shard, filename in zip(shards, names):
+    for shard, filename in zip(shards, names, strict=True):
         with open(out_dir / filename, "wb") as f:
             f.write(_safetensors_header(shard))
             for planned_tensor in shard:

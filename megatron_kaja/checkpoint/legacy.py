@@ -88,10 +88,10 @@ def write_legacy(
         layers = stage_layers(arch.num_layers, pp, pp_rank)
         rank_states: list[dict] = [{} for _ in range(tp)]
 
-        def put(name: str, mapping: TensorMapping, tensor: torch.Tensor) -> None:
+        def put(name: str, mapping: TensorMapping, tensor: torch.Tensor, states=rank_states):
             tensor = tensor.to(dtype)
-            for tp_rank in range(tp):
-                rank_states[tp_rank][name] = tp_slice(mapping, tensor, tp, tp_rank).clone()
+            for tp_rank, state in enumerate(states):
+                state[name] = tp_slice(mapping, tensor, tp, tp_rank).clone()
 
         if pp_rank == 0:
             put(EMBEDDING.name(transformer_impl), EMBEDDING, global_tensor(EMBEDDING, None))
@@ -151,8 +151,16 @@ class LegacyReader:
                 ranks[(int(match.group(1)), int(match.group(2) or 0))] = child / CHECKPOINT_NAME
         if not ranks:
             raise CheckpointError(f"{self.iter_dir}: no mp_rank_*/{CHECKPOINT_NAME} files")
-        self.tp = 1 + max(t for t, _ in ranks)
-        self.pp = 1 + max(p for _, p in ranks)
+        if (0, 0) not in ranks:
+            raise CheckpointError(f"{self.iter_dir}: rank folder mp_rank_00 is missing")
+        self._paths = ranks
+        self._states: dict[tuple[int, int], dict] = {}
+        # The saved arguments know the layout even when the last rank's folder is gone.
+        args = self._load(0, 0).get("args")
+        self.tp = getattr(args, "tensor_model_parallel_size", None) or 1 + max(t for t, _ in ranks)
+        self.pp = getattr(args, "pipeline_model_parallel_size", None) or 1 + max(
+            p for _, p in ranks
+        )
         missing = [
             rank_dir(0, t, p, self.pp).split("/")[1]
             for t in range(self.tp)
@@ -165,26 +173,23 @@ class LegacyReader:
             raise CheckpointError(
                 f"{self.dir}: {arch.num_layers} layers cannot sit on {self.pp} pipeline stages"
             )
-        self._paths = ranks
-        self._states: dict[tuple[int, int], dict] = {}
         self.transformer_impl = "local"
         first = self._state(0, 0)
         if any(k.endswith("layer_norm_weight") for k in first):
             self.transformer_impl = "transformer_engine"
 
+    def _load(self, tp_rank: int, pp_rank: int) -> dict:
+        path = self._paths[(tp_rank, pp_rank)]
+        # Megatron-LM stores its arguments as an argparse.Namespace: allow just that.
+        with torch.serialization.safe_globals([argparse.Namespace, torch.dtype]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "model" not in checkpoint:
+            raise CheckpointError(f"{path}: no 'model' entry")
+        return checkpoint
+
     def _state(self, tp_rank: int, pp_rank: int) -> dict:
         if (tp_rank, pp_rank) not in self._states:
-            # Megatron-LM stores its arguments as an argparse.Namespace: allow just that.
-            with torch.serialization.safe_globals([argparse.Namespace, torch.dtype]):
-                checkpoint = torch.load(
-                    self._paths[(tp_rank, pp_rank)],
-                    map_location="cpu",
-                    weights_only=True,
-                    mmap=True,
-                )
-            if "model" not in checkpoint:
-                raise CheckpointError(f"{self._paths[(tp_rank, pp_rank)]}: no 'model' entry")
-            self._states[(tp_rank, pp_rank)] = checkpoint["model"]
+            self._states[(tp_rank, pp_rank)] = self._load(tp_rank, pp_rank)["model"]
         return self._states[(tp_rank, pp_rank)]
 
     def _merged(self, mapping: TensorMapping, name: str, pp_rank: int) -> torch.Tensor:

@@ -202,7 +202,7 @@ class TorchDistReader:
             def resolve_tensor(self, read_item):
                 target = self.state_dict[read_item.dest_index.fqn]
                 for dim, (start, length) in enumerate(
-                    zip(read_item.dest_offsets, read_item.lengths)
+                    zip(read_item.dest_offsets, read_item.lengths, strict=True)
                 ):
                     target = target.narrow(dim, start, length)
                 return target

@@ -5,7 +5,9 @@ project's shared notes): tensors built with `device="cuda"` or `torch.cuda.curre
 `torch.cuda.synchronize()`, the CUDA RNG state tracker, and type-name checks such as
 `param.type() == "torch.cuda.FloatTensor"`. On a CPU-only build this module bridges each:
 
-* a `TorchFunctionMode` maps every CUDA device argument (`"cuda"`, `"cuda:0"`, an integer
+* a `TorchFunctionMode` (entered for the process, and around every Python autograd
+  backward, which the autograd engine runs without the caller's modes) maps every CUDA
+  device argument (`"cuda"`, `"cuda:0"`, an integer
   ordinal, `torch.device("cuda")`) to the CPU, makes `Tensor.cuda()` a no-op, and reports CPU
   tensor types under their CUDA names so that megatron's dtype checks accept them;
 * `torch.cuda.current_device / synchronize / current_stream / Event / nvtx ...` become
@@ -227,7 +229,19 @@ def activate() -> bool:
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mode = _CudaToCpuMode()
     mode.__enter__()
-    _ACTIVE.update(mode=mode, cuda=originals, rng=rng_originals)
+    # The autograd engine runs backward without the caller's torch-function modes, yet
+    # megatron's custom Functions (activation recompute, TP collectives) build CUDA tensors
+    # in backward: run every Python autograd backward under the mode as well.
+    from torch.autograd.function import BackwardCFunction
+
+    backward_apply = BackwardCFunction.apply
+
+    def apply_backward_on_cpu(self, *args):
+        with _CudaToCpuMode():
+            return backward_apply(self, *args)
+
+    BackwardCFunction.apply = apply_backward_on_cpu
+    _ACTIVE.update(mode=mode, cuda=originals, rng=rng_originals, backward_apply=backward_apply)
     logger.info("megatron-core CPU bridge active (no CUDA in this process)")
     return True
 
@@ -239,6 +253,9 @@ def deactivate() -> None:
     from megatron.core.tensor_parallel import random as mpu_random
 
     _ACTIVE["mode"].__exit__(None, None, None)
+    from torch.autograd.function import BackwardCFunction
+
+    BackwardCFunction.apply = _ACTIVE["backward_apply"]
     for name, value in _ACTIVE["cuda"].items():
         setattr(torch.cuda, name, value)
     for name, value in _ACTIVE["rng"].items():

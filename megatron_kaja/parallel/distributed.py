@@ -97,8 +97,6 @@ def initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
-            # On CPU the default groups already are gloo groups.
-            create_gloo_process_groups=torch.cuda.is_available(),
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
