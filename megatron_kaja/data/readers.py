@@ -15,11 +15,14 @@ from megatron_kaja.data.records import DataFormatError, Message, normalize_recor
 from megatron_kaja.data.sources import DataSource
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+FILE_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet")
 
 
 def read_records(source: DataSource) -> Iterator[tuple[str, Any]]:
     """Yield `(location, raw record)` for every record of `source`, in file order."""
     path = Path(source.path)
+    if not path.exists() and (path.suffix in FILE_SUFFIXES or "/" not in source.path):
+        raise DataFormatError(f"{path}: no such file")
     if path.is_file():
         if path.suffix in JSONL_SUFFIXES:
             yield from _read_jsonl(path)
@@ -88,10 +91,8 @@ def _read_hf_dataset(source: DataSource) -> Iterator[tuple[str, Any]]:
     path = Path(source.path)
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         dataset = datasets.load_from_disk(str(path))
-    elif path.is_dir() or ("/" in source.path and not path.exists()):
+    else:  # a directory of data files, or a hub id ("owner/name")
         dataset = datasets.load_dataset(source.path, source.name, split=source.split)
-    else:
-        raise DataFormatError(f"{source.path}: no such file, directory or hub dataset id")
     if isinstance(dataset, datasets.DatasetDict):
         if source.split not in dataset:
             raise DataFormatError(

@@ -39,11 +39,14 @@ def normalize_record(record: Any, location: str) -> list[Message]:
         raise DataFormatError(f"{location}: expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
         return _validate_messages(record["messages"], location)
-    for prompt_key, answer_key, _ in PAIR_SCHEMAS:
-        if prompt_key in record or answer_key in record:
-            prompt = _required_text(record, prompt_key, location, "prompt")
-            answer = _required_text(record, answer_key, location, "answer")
-            return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    # A schema whose two fields are both present wins; otherwise the first schema with one
+    # of its fields present is what the record was meant to be, and the other is missing.
+    complete = [s for s in PAIR_SCHEMAS if s[0] in record and s[1] in record]
+    partial = [s for s in PAIR_SCHEMAS if s[0] in record or s[1] in record]
+    for prompt_key, answer_key, _ in (complete or partial)[:1]:
+        prompt = _required_text(record, prompt_key, location, "prompt")
+        answer = _required_text(record, answer_key, location, "answer")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     raise DataFormatError(
         f"{location}: unknown record shape with fields {sorted(record)}; "
         f"accepted shapes are {ACCEPTED_SHAPES}"
