@@ -25,7 +25,7 @@ def collate_packed_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Te
     """
     batch = {name: torch.from_numpy(np.stack([row[name] for row in rows])) for name in ROW_FIELDS}
     seq_length = batch["tokens"].shape[1]
-    cu = [np.asarray(rows[0]["cu_seqlens"][:1], dtype=np.int64)]
+    cu = [np.zeros(1, dtype=np.int64)]
     for r, row in enumerate(rows):
         cu.append(np.asarray(row["cu_seqlens"][1:], dtype=np.int64) + r * seq_length)
     cu_seqlens = torch.from_numpy(np.concatenate(cu).astype(np.int32))

@@ -73,10 +73,10 @@ def source_fingerprint(source: DataSource) -> str:
     """Hash of a source's content: file bytes, a directory's files, or a hub id."""
     h = hashlib.sha256(f"{source.name}|{source.split}".encode())
     path = Path(source.path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if not path.exists():
+    if not path.exists():  # a hub id: delete its cache entry to pick up a new revision
         h.update(f"hub:{source.path}".encode())
         return h.hexdigest()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         h.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with file.open("rb") as f:

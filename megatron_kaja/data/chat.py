@@ -97,8 +97,8 @@ class ChatRenderer:
                 )
             # Cut after the EOS that closes the answer: ChatML writes "<|im_end|>\n", and
             # the newline after the EOS is template framing, not something to learn.
-            content_end = answered.find(message["content"], len(prompt))
-            search_from = content_end + len(message["content"]) if content_end >= 0 else len(prompt)
+            content_at = answered.find(message["content"], len(prompt))
+            search_from = content_at + len(message["content"]) if content_at >= 0 else len(prompt)
             eos_at = answered.find(eos, search_from)
             if eos_at < 0:
                 raise DataFormatError(

@@ -83,6 +83,8 @@ class PackedSFTDataset:
     def __getitem__(self, row: int) -> dict[str, np.ndarray]:
         """One packed row: tokens, labels (int64), loss_mask (float32), position_ids
         (int64), all [S]; cu_seqlens (int32 [segments + 1], 0 ... S)."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} packed rows")
         s = self.seq_length
         tokens = np.full(s, self.pad_token_id, dtype=np.int64)
         labels = np.full(s, self.pad_token_id, dtype=np.int64)

@@ -82,12 +82,13 @@ def _validate_messages(messages: Any, location: str) -> list[Message]:
             raise DataFormatError(f"{where}.content must be a string")
         if role == "assistant" and not content.strip():
             raise DataFormatError(f"{where}.content is empty (an assistant answer)")
+        # An answer is learned as the reply to a user turn; the loss mask is cut there.
+        if role == "assistant" and (not normalized or normalized[-1]["role"] != "user"):
+            raise DataFormatError(f"{where} is an assistant turn that does not follow a user turn")
         normalized.append({"role": role, "content": content})
     if normalized[-1]["role"] != "assistant":
         raise DataFormatError(
             f"{location}: field 'messages' must end with an assistant turn "
             f"(ends with '{normalized[-1]['role']}')"
         )
-    if not any(m["role"] == "user" for m in normalized):
-        raise DataFormatError(f"{location}: field 'messages' has no user turn")
     return normalized

@@ -75,6 +75,8 @@ def test_collate_and_attention_mask(two_sources, llmjp_tokenizer, tmp_path):
     config = SFTDataConfig(sources=two_sources, seq_length=192, cache_dir=tmp_path / "cache")
     dataset = build_sft_dataset(config, llmjp_tokenizer)
     rows = [dataset[0], dataset[1]]
+    with pytest.raises(IndexError, match="out of range"):
+        dataset[len(dataset)]
     batch = collate_packed_rows(rows)
     assert batch["tokens"].shape == (2, 192) and batch["tokens"].dtype == torch.int64
     assert batch["loss_mask"].dtype == torch.float32

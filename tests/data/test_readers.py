@@ -70,6 +70,11 @@ def test_jsonl_json_parquet_and_hf_directory_read_the_same(tmp_path):
             '{"role": "assistant", "content": ""}]}',
             r"bad\.jsonl:3: field 'messages\[1\]'\.content is empty",
         ),
+        (
+            '{"messages": [{"role": "system", "content": "s"}, '
+            '{"role": "assistant", "content": "答え"}]}',
+            r"bad\.jsonl:3: field 'messages\[1\]' is an assistant turn that does not follow",
+        ),
     ],
 )
 def test_bad_input_names_file_line_and_field(tmp_path, line, message):
