@@ -37,6 +37,8 @@ EXTRAS = {
         "autoawq",
         "bitsandbytes",
     ],
+    # bench/packing.py compares our packer with TRL's best-fit-decreasing packing.
+    "bench": ["trl"],
     "test": [
         "pytest>=8",
         "pytest-timeout>=2.3",

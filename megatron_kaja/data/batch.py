@@ -1,0 +1,47 @@
+"""Micro-batches of packed rows as torch tensors, and the attention masks they need.
+
+Two ways to keep samples of one row from attending to each other:
+- local / SDPA spec: `build_attention_mask` makes megatron-core's `[b, 1, s, s]` bool mask
+  (True = masked out): causal within a sample, nothing across samples;
+- transformer-engine THD: `cu_seqlens` / `max_seqlen` from `collate_packed_rows` are the
+  `PackedSeqParams(qkv_format="thd", cu_seqlens_q=..., cu_seqlens_kv=..., ...)` of the
+  micro-batch flattened to one sequence of b*s tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ROW_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def collate_packed_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack rows into a micro-batch.
+
+    Returns tokens / labels / position_ids (int64 [b, s]), loss_mask (float32 [b, s]),
+    cu_seqlens (int32 [segments + 1]: boundaries in the flattened b*s tokens, row r's
+    offset r*s) and max_seqlen (int32 scalar: the longest segment).
+    """
+    batch = {name: torch.from_numpy(np.stack([row[name] for row in rows])) for name in ROW_FIELDS}
+    seq_length = batch["tokens"].shape[1]
+    cu = [np.zeros(1, dtype=np.int64)]
+    for r, row in enumerate(rows):
+        cu.append(np.asarray(row["cu_seqlens"][1:], dtype=np.int64) + r * seq_length)
+    cu_seqlens = torch.from_numpy(np.concatenate(cu).astype(np.int32))
+    batch["cu_seqlens"] = cu_seqlens
+    batch["max_seqlen"] = (cu_seqlens[1:] - cu_seqlens[:-1]).max().to(torch.int32)
+    return batch
+
+
+def build_attention_mask(
+    cu_seqlens: torch.Tensor, batch_size: int, seq_length: int
+) -> torch.Tensor:
+    """Megatron-core's `[b, 1, s, s]` bool attention mask from a micro-batch's `cu_seqlens`:
+    True where query i must NOT attend key j, i.e. j > i or j is in another sample."""
+    positions = torch.arange(batch_size * seq_length, device=cu_seqlens.device)
+    segment = torch.searchsorted(cu_seqlens.to(torch.int64), positions, right=True)
+    segment = segment.view(batch_size, seq_length)
+    same_sample = segment[:, :, None] == segment[:, None, :]
+    causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return (~(same_sample & causal)).unsqueeze(1)
