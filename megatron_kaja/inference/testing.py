@@ -4,7 +4,8 @@ to `vllm serve` (the judge, the synthetic-data generator, GRPO rewards).
 Replies are programmed: a FIFO of `ScriptedReply` (consumed first), then a `responder`
 callable that sees the request body. Each reply can be a text, an HTTP error status, a
 delay, a dropped connection, and per-position `top_logprobs`. Every request body is kept
-in `server.requests`. Binds 127.0.0.1 only, on a free port; bodies over 1 MiB are refused.
+in `server.requests`, responder exceptions in `server.errors`
+(answered as 500). Binds 127.0.0.1 only, on a free port; bodies over 1 MiB are refused.
 
     with ScriptedOpenAIServer(responder=lambda body: ScriptedReply(text="4")) as server:
         backend = build_backend("openai", base_url=server.base_url, model=server.model)
@@ -98,6 +99,7 @@ class ScriptedOpenAIServer:
         self.model = model
         self.responder = responder
         self.requests: list[dict] = []
+        self.errors: list[Exception] = []  # exceptions raised by the responder
         self._queue: deque[ScriptedReply] = deque(replies or [])
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -115,7 +117,11 @@ class ScriptedOpenAIServer:
                 return self._queue.popleft()
         if self.responder is None:
             return ScriptedReply(status=500, text="no scripted reply left")
-        return self.responder(body)
+        try:
+            return self.responder(body)
+        except Exception as exc:  # a broken script must show up as an error, not a hang
+            self.errors.append(exc)
+            return ScriptedReply(status=500, text=f"responder failed: {exc!r}")
 
     def _handler(self):
         server = self
