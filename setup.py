@@ -43,6 +43,7 @@ EXTRAS = {
         "pytest>=8",
         "pytest-timeout>=2.3",
         "ruff>=0.6",
+        "hypothesis>=6",  # property tests (judge score parsing, fencing)
     ],
 }
 

@@ -55,6 +55,9 @@ def test_judge_reward_picks_the_rubric_by_kind_and_normalizes():
             eval_aspect=[None, "数値が正しいか"],
         )
         assert out == [0.8, 0.6]
-        assert "数値が正しいか" in s.requests[1]["messages"][1]["content"]
+        users = sorted(b["messages"][1]["content"] for b in s.requests)  # arrival order varies
+        assert (
+            users[0].startswith("# 問題") and "問題固有の採点基準\n```\n数値が正しいか" in users[0]
+        )
         with pytest.raises(ValueError, match="row 0: column 'kind' is 'math'"):
             reward(["q"], ["a"], kind=["math"], output=["r"])
