@@ -78,8 +78,10 @@ class HFBackend:
 
     def check(self) -> None:
         """Load the model and tokenizer (a missing path fails here, before any work)."""
-        if not Path(self.config.model).exists() and "/" not in self.config.model:
-            raise FileNotFoundError(f"hf backend: model directory {self.config.model} not found")
+        model = self.config.model
+        # Hub ids ("org/name") are resolved by transformers; a filesystem path must exist.
+        if (Path(model).is_absolute() or model.startswith(".")) and not Path(model).exists():
+            raise FileNotFoundError(f"hf backend: model directory {model} not found")
         self._load()
 
     def close(self) -> None:
