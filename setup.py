@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "pydantic>=2.5",
     "tqdm>=4.66",
     "numpy>=1.24",
+    "openai>=1.40",  # the `openai` generation backend (vllm serve, any OpenAI-compatible API)
+    "matplotlib>=3.7",  # evaluation charts
 ]
 
 EXTRAS = {
@@ -43,6 +45,7 @@ EXTRAS = {
         "pytest>=8",
         "pytest-timeout>=2.3",
         "ruff>=0.6",
+        "hypothesis>=6",  # property tests (judge score parsing, fencing)
     ],
 }
 

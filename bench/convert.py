@@ -103,7 +103,7 @@ def main() -> None:
         a, b = HFCheckpointReader(hf), HFCheckpointReader(back)
         import torch
 
-        same = all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+        same = all(torch.equal(a.get(k), b.get(k)) for k in sorted(a.keys()))
         rows = [
             ("copy (baseline)", copy_s, copy_rss),
             ("hf -> torch_dist", to_mc_s, to_mc_rss),

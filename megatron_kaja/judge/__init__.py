@@ -1,0 +1,30 @@
+"""LLM judge: rubrics (data files), score reading, the judge, and reward callables."""
+
+from megatron_kaja.judge.cache import JudgeCache
+from megatron_kaja.judge.judge import JudgeConfig, Judgement, JudgeSample, LLMJudge, read_score
+from megatron_kaja.judge.rubric import (
+    EVAL_RUBRIC_BY_KIND,
+    REWARD_RUBRIC_BY_KIND,
+    Rubric,
+    builtin_rubrics,
+    fence,
+    load_rubric,
+)
+from megatron_kaja.judge.scores import expected_judge_score, parse_score
+
+__all__ = [
+    "EVAL_RUBRIC_BY_KIND",
+    "REWARD_RUBRIC_BY_KIND",
+    "JudgeCache",
+    "JudgeConfig",
+    "JudgeSample",
+    "Judgement",
+    "LLMJudge",
+    "Rubric",
+    "builtin_rubrics",
+    "expected_judge_score",
+    "fence",
+    "load_rubric",
+    "parse_score",
+    "read_score",
+]

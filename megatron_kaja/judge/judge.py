@@ -1,0 +1,195 @@
+"""The LLM judge: rubric + generation backend -> scores, with retries, dedup and caching.
+
+Two ways to read a score (`JudgeConfig.mode`):
+- `choice`: the judge may only answer one of the score strings; the score is the expected
+  score over the score tokens' probabilities (`choice_logprobs` from the `hf` backend, or
+  the first position's `top_logprobs` from vLLM). One generated token, a continuous value.
+- `free_text`: the judge writes freely (llm-jp-judge style) and `parse_score` reads it.
+An output that cannot be read is asked again (sampling, so that the retry can differ), and
+after `max_attempts` reported as `None`, never counted as any score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megatron_kaja.inference import GenerationBackend, GenerationRequest, GenerationResult
+from megatron_kaja.judge.cache import JudgeCache, judgement_key
+from megatron_kaja.judge.rubric import JudgeMode, Rubric
+from megatron_kaja.judge.scores import expected_judge_score, parse_score
+
+
+@dataclass
+class JudgeConfig:
+    """How the judge asks and reads."""
+
+    mode: JudgeMode = "choice"
+    max_attempts: int = 3
+    top_logprobs: int = 20  # vLLM's default cap on --max-logprobs is 20
+    free_text_max_tokens: int = 1024
+    retry_temperature: float = 0.7
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("choice", "free_text"):
+            raise ValueError(f"judge mode must be 'choice' or 'free_text', got {self.mode!r}")
+        if self.max_attempts < 1:
+            raise ValueError("judge max_attempts must be >= 1")
+
+
+@dataclass
+class JudgeSample:
+    """What one judgement is about. `rubric` names a rubric known to the `LLMJudge`."""
+
+    rubric: str
+    input_text: str
+    pred: str
+    output_text: str = ""
+    eval_aspect: str = ""
+
+
+@dataclass
+class Judgement:
+    """The judge's verdict on one sample. `score` is on the rubric's scale (the primary axis
+    for multi-axis rubrics), `normalized` in [0, 1]; both None when it could not be read."""
+
+    score: float | None
+    normalized: float | None
+    axes: dict[str, float | None] = field(default_factory=dict)
+    method: str | None = None  # "expected" | "choice" | "parsed"
+    attempts: int = 0
+    completion_tokens: int = 0
+    raw: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def read_score(result: GenerationResult, rubric: Rubric, mode: JudgeMode) -> dict | None:
+    """Score one backend result, or None when it is unreadable."""
+    if not result.ok:
+        return None
+    scores = rubric.scale.scores
+    if mode == "choice":
+        if result.choice_logprobs:
+            # Exact: softmax over the choices' own log-probabilities.
+            top = max(result.choice_logprobs.values())
+            weights = {int(c): math.exp(lp - top) for c, lp in result.choice_logprobs.items()}
+            total = sum(weights.values())
+            return {"score": sum(s * w for s, w in weights.items()) / total, "method": "expected"}
+        if result.top_logprobs:
+            found = expected_judge_score(result.top_logprobs[0], scores)
+            if found is not None:
+                return {"score": found[0], "method": "expected", "mass": found[1]}
+        value = parse_score(result.text, scores)  # constrained text without usable logprobs
+        return None if value is None else {"score": float(value), "method": "choice"}
+    value = parse_score(result.text, scores)
+    return None if value is None else {"score": float(value), "method": "parsed"}
+
+
+class LLMJudge:
+    """Judges samples with `backend` under named `rubrics`."""
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        rubrics: dict[str, Rubric],
+        config: JudgeConfig | None = None,
+        cache: JudgeCache | None = None,
+    ) -> None:
+        self.backend = backend
+        self.rubrics = rubrics
+        self.config = config or JudgeConfig()
+        self.cache = cache if cache is not None else JudgeCache()
+        config_ = getattr(backend, "config", None)
+        self.judge_id = f"{backend.name}:{getattr(config_, 'model', '')}"
+
+    def _request(self, messages, rubric: Rubric, attempt: int) -> GenerationRequest:
+        cfg = self.config
+        # Retries sample: a greedy judge would repeat the unreadable output word for word.
+        temperature = 0.0 if attempt == 1 else cfg.retry_temperature
+        if cfg.mode == "choice":
+            return GenerationRequest(
+                messages=messages,
+                max_tokens=4,
+                temperature=temperature,
+                seed=cfg.seed + attempt,
+                choices=rubric.choices,
+                top_logprobs=cfg.top_logprobs,
+            )
+        return GenerationRequest(
+            messages=messages,
+            max_tokens=cfg.free_text_max_tokens,
+            temperature=temperature,
+            seed=cfg.seed + attempt,
+        )
+
+    def judge(self, samples: list[JudgeSample]) -> list[Judgement]:
+        """One `Judgement` per sample, in order. Raises before any request when a sample
+        names an unknown rubric or lacks a field its rubric needs."""
+        units = []  # (sample index, axis, key, messages, rubric)
+        for i, sample in enumerate(samples):
+            if sample.rubric not in self.rubrics:
+                raise KeyError(
+                    f"sample {i}: unknown rubric {sample.rubric!r}; have {sorted(self.rubrics)}"
+                )
+            rubric = self.rubrics[sample.rubric]
+            fields = {
+                "input_text": sample.input_text,
+                "output_text": sample.output_text,
+                "pred": sample.pred,
+                "eval_aspect": sample.eval_aspect,
+            }
+            for axis in rubric.axis_names():
+                try:
+                    messages = rubric.render(fields, self.config.mode, axis)
+                except KeyError as exc:
+                    raise KeyError(f"sample {i}: {exc.args[0]}") from exc
+                key = judgement_key(self.judge_id, self.config.mode, messages)
+                units.append((i, axis, key, messages, rubric))
+
+        # Identical requests (same rubric, question, reference, answer, axis) run once.
+        pending = {key: (messages, rubric) for _, _, key, messages, rubric in units}
+        pending = {k: v for k, v in pending.items() if self.cache.get(k) is None}
+        trace: dict[str, dict] = {
+            k: {"attempts": 0, "raw": [], "tokens": 0, "error": None} for k in pending
+        }
+        for attempt in range(1, self.config.max_attempts + 1):
+            if not pending:
+                break
+            keys = list(pending)
+            requests = [self._request(pending[k][0], pending[k][1], attempt) for k in keys]
+            for key, result in zip(keys, self.backend.generate(requests), strict=True):
+                t = trace[key]
+                t["attempts"] = attempt
+                t["tokens"] += result.completion_tokens
+                t["raw"].append(result.text if result.ok else f"<error: {result.error}>")
+                t["error"] = result.error
+                read = read_score(result, pending[key][1], self.config.mode)
+                if read is not None:
+                    self.cache.put(key, {**read, "raw": result.text, "attempts": attempt})
+                    del pending[key]
+
+        by_sample: dict[int, dict[str | None, tuple[str, dict | None]]] = {}
+        for i, axis, key, _, _ in units:
+            by_sample.setdefault(i, {})[axis] = (key, self.cache.get(key))
+        return [self._assemble(samples[i], by_sample[i], trace) for i in range(len(samples))]
+
+    def _assemble(self, sample: JudgeSample, axes: dict, trace: dict) -> Judgement:
+        rubric = self.rubrics[sample.rubric]
+        axis_scores = {a: (e["score"] if e else None) for a, (_, e) in axes.items()}
+        primary = rubric.primary_axis if rubric.axes else None
+        score = axis_scores[primary]
+        keys = [k for k, _ in axes.values()]
+        fresh = [trace[k] for k in keys if k in trace]
+        entries = [e for _, e in axes.values() if e]
+        methods = {e["method"] for e in entries}
+        return Judgement(
+            score=score,
+            normalized=None if score is None else rubric.normalize(score),
+            axes={a: s for a, s in axis_scores.items() if a is not None},
+            method=methods.pop() if len(methods) == 1 else None,
+            attempts=max((t["attempts"] for t in fresh), default=0),
+            completion_tokens=sum(t["tokens"] for t in fresh),
+            raw=[r for t in fresh for r in t["raw"]] or [e["raw"] for e in entries],
+            error=next((t["error"] for t in fresh if t["error"]), None) if score is None else None,
+        )

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Evaluate safety / over-refusal / helpfulness with an LLM judge (llm-jp-judge style).
+
+    python tools/evaluate.py --model HF_DIR --dataset safety=ac_test.jsonl \\
+        --dataset borderline=bl.jsonl --dataset helpful=inst.jsonl \\
+        --judge-backend openai --judge-base-url URL --judge-model NAME --out DIR
+    python tools/evaluate.py --predictions safety=preds.jsonl --judge-backend hf \\
+        --judge-model JUDGE_DIR --out DIR
+    python tools/evaluate.py --compare DIR_BASE DIR_SFT DIR_GRPO --out DIR_CMP
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_kaja.eval import KINDS, EvalConfig, compare_runs, run_evaluation
+
+
+def _kind_path(value: str) -> tuple[str, str]:
+    kind, sep, path = value.partition("=")
+    if not sep or not path:
+        raise argparse.ArgumentTypeError(f"expected KIND=FILE with KIND in {KINDS}, got {value!r}")
+    if kind not in KINDS:
+        raise argparse.ArgumentTypeError(f"unknown dataset kind {kind!r}; choose one of {KINDS}")
+    return kind, path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs")
+    data = p.add_argument_group("answers")
+    data.add_argument(
+        "--dataset", type=_kind_path, action="append", default=[], metavar="KIND=FILE"
+    )
+    data.add_argument(
+        "--predictions", type=_kind_path, action="append", default=[], metavar="KIND=FILE"
+    )
+    data.add_argument("--model", help="HF checkpoint that answers --dataset questions")
+    data.add_argument("--gen-backend", choices=("hf", "vllm"), default="hf")
+    data.add_argument("--max-new-tokens", type=int, default=512)
+    data.add_argument("--batch-size", type=int, default=8)
+    data.add_argument("--system-prompt", default=None, help="prepend a system message")
+    judge = p.add_argument_group("judge")
+    judge.add_argument("--judge-backend", choices=("openai", "vllm", "hf"), default="hf")
+    judge.add_argument("--judge-model", help="served model name (openai) or checkpoint path")
+    judge.add_argument("--judge-base-url", help="e.g. http://localhost:8000/v1 (openai backend)")
+    judge.add_argument("--judge-api-key", default="EMPTY")
+    judge.add_argument("--judge-mode", choices=("choice", "free_text"), default="choice")
+    judge.add_argument("--judge-concurrency", type=int, default=32)
+    judge.add_argument("--judge-max-attempts", type=int, default=3)
+    judge.add_argument(
+        "--choice-param",
+        choices=("structured_outputs", "guided_choice"),
+        default="structured_outputs",
+        help="how vLLM is told the score choices (guided_choice for vLLM < 0.12)",
+    )
+    judge.add_argument(
+        "--rubric", type=_kind_path, action="append", default=[], metavar="KIND=YAML"
+    )
+    p.add_argument("--bootstrap-samples", type=int, default=1000)
+    p.add_argument("--chunk-size", type=int, default=32, help="samples per persisted step")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for flag in ("dataset", "predictions", "rubric"):
+        kinds = [kind for kind, _ in getattr(args, flag)]
+        if len(kinds) != len(set(kinds)):
+            raise SystemExit(f"--{flag}: each kind may be given once, got {kinds}")
+    if args.compare:
+        compare_runs(args.compare, args.out)
+        print(f"wrote {args.out}/compare.md, compare.json, compare.png")
+        return 0
+    cfg = EvalConfig(
+        out_dir=args.out,
+        datasets=dict(args.dataset),
+        predictions=dict(args.predictions),
+        model=args.model,
+        gen_backend=args.gen_backend,
+        gen_max_tokens=args.max_new_tokens,
+        gen_batch_size=args.batch_size,
+        system_prompt=args.system_prompt,
+        judge_backend=args.judge_backend,
+        judge_model=args.judge_model,
+        judge_base_url=args.judge_base_url,
+        judge_api_key=args.judge_api_key,
+        judge_mode=args.judge_mode,
+        judge_concurrency=args.judge_concurrency,
+        judge_max_attempts=args.judge_max_attempts,
+        choice_param=args.choice_param,
+        rubrics=dict(args.rubric),
+        chunk_size=args.chunk_size,
+        bootstrap_samples=args.bootstrap_samples,
+        seed=args.seed,
+    )
+    report = run_evaluation(cfg)
+    for kind, metrics in report["datasets"].items():
+        print(kind, {k: v["value"] for k, v in metrics.items() if isinstance(v, dict)})
+    print(f"wrote {args.out}/report.json, report.md, report.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
