@@ -11,7 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600) -> str:
-    """Run `script` under torchrun with `nproc` CPU processes; return its output or fail loudly."""
+    """Run `script` (a path, or `-m module`) under torchrun with `nproc` CPU processes.
+
+    Returns its output, or fails with the tail of both streams.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     cmd = [
@@ -20,7 +23,7 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600)
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        str(script),
+        *([] if str(script) == "-m" else [str(script)]),
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -5,9 +5,8 @@ import json
 import pytest
 
 from megatron_kaja.checkpoint.convert import hf_to_mcore
-from tests.helpers import REPO, run_torchrun
+from tests.helpers import run_torchrun
 
-WORKER = REPO / "tests" / "models" / "parity_worker.py"
 TOLERANCE = 1e-5
 
 
@@ -31,7 +30,15 @@ def _cases(tmp_path, hf_dirs, layouts, formats=("torch_dist", "legacy")):
 
 def _run(cases, nproc, tmp_path):
     out = tmp_path / f"results-{nproc}.jsonl"
-    run_torchrun(WORKER, nproc, "--cases", json.dumps(cases), "--out", str(out))
+    run_torchrun(
+        "-m",
+        nproc,
+        "megatron_kaja.checkpoint.verify",
+        "--cases",
+        json.dumps(cases),
+        "--out",
+        str(out),
+    )
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["name"] for r in results) == sorted(c["name"] for c in cases)
     for r in results:
