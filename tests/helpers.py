@@ -23,7 +23,7 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600)
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        *([] if str(script) == "-m" else [str(script)]),
+        str(script),
         *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

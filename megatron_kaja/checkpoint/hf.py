@@ -12,7 +12,6 @@ import json
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +40,29 @@ _DTYPE_CODES = {
 }
 
 
+_DTYPES_BY_CODE = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted: missing files, tensors, or wrong shapes."""
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor entries of a safetensors file and the byte offset where its data starts."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
+    header.pop("__metadata__", None)
+    unknown = {e["dtype"] for e in header.values()} - set(_DTYPES_BY_CODE)
+    if unknown:
+        raise CheckpointError(f"{path}: unsupported tensor dtypes {sorted(unknown)}")
+    return header, 8 + length
 
 
 class HFCheckpointReader:
@@ -60,10 +80,8 @@ class HFCheckpointReader:
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         elif (self.dir / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(self.dir / "model.safetensors", framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+            header, _ = read_safetensors_header(self.dir / "model.safetensors")
+            weight_map = dict.fromkeys(header, "model.safetensors")
         else:
             found = sorted(p.name for p in self.dir.iterdir())
             raise CheckpointError(
@@ -74,31 +92,47 @@ class HFCheckpointReader:
             if not (self.dir / name).is_file():
                 raise CheckpointError(f"{self.dir}: shard {name} named in the index is missing")
         self.weight_map: dict[str, str] = weight_map
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[dict, int]] = {}
 
-    def _handle(self, filename: str):
-        if filename not in self._handles:
-            from safetensors import safe_open
+    def _header(self, filename: str) -> tuple[dict, int]:
+        if filename not in self._headers:
+            self._headers[filename] = read_safetensors_header(self.dir / filename)
+        return self._headers[filename]
 
-            self._handles[filename] = self._stack.enter_context(
-                safe_open(self.dir / filename, framework="pt")
-            )
-        return self._handles[filename]
+    def _entry(self, key: str) -> dict:
+        if key not in self.weight_map:
+            raise CheckpointError(f"{self.dir}: tensor {key} is missing")
+        header, _ = self._header(self.weight_map[key])
+        if key not in header:
+            raise CheckpointError(f"{self.dir / self.weight_map[key]}: tensor {key} is missing")
+        return header[key]
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.weight_map[key]).get_slice(key).get_shape())
+        return tuple(self._entry(key)["shape"])
 
     def dtype(self, key: str) -> str:
-        return self._handle(self.weight_map[key]).get_slice(key).get_dtype()
+        return self._entry(key)["dtype"]
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self.weight_map:
-            raise CheckpointError(f"{self.dir}: tensor {key} is missing")
-        return self._handle(self.weight_map[key]).get_tensor(key)
+        """Read one tensor with plain file reads.
+
+        Not through a memory map: touched mapped pages count as resident memory, so mapping
+        a 26 GB checkpoint would show (and pressure) gigabytes of RSS while streaming it.
+        """
+        entry = self._entry(key)
+        filename = self.weight_map[key]
+        _, data_start = self._header(filename)
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES_BY_CODE[entry["dtype"]])
+        buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
+        with open(self.dir / filename, "rb") as f:
+            f.seek(data_start + begin)
+            if buffer is not None and f.readinto(memoryview(buffer)) != end - begin:
+                raise CheckpointError(f"{self.dir / filename}: tensor {key} is truncated")
+        return tensor
 
     def validate(self, expected_shapes: dict[str, tuple[int, ...]]) -> None:
         """Raise CheckpointError naming missing, unexpected and misshapen tensors."""
@@ -124,8 +158,7 @@ class HFCheckpointReader:
             raise CheckpointError(f"{self.dir}: " + "; ".join(problems))
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        self._headers.clear()
 
     def __enter__(self):
         return self
