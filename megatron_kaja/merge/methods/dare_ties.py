@@ -1,0 +1,31 @@
+"""DARE-TIES: DARE's random drop + rescale, then TIES' sign election (Yu et al. 2023,
+arXiv:2311.03099; Yadav et al. 2023, arXiv:2306.01708)."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_kaja.merge.methods import MergeInputs, register_merge_method
+from megatron_kaja.merge.methods.task_vectors import combine_task_vectors, dare_drop
+
+
+@register_merge_method(
+    "dare_ties",
+    needs_base=True,
+    shared={"normalize": False, "lambda": 1.0, "rescale": True},
+    per_model={"weight": None, "density": 1.0},
+)
+def dare_ties(inputs: MergeInputs) -> torch.Tensor:
+    """Drop with p = 1 - density (seeded per tensor and model), rescale, elect, sum."""
+    deltas = [
+        dare_drop(x - inputs.base, p["density"], inputs.generator(i), inputs.shared["rescale"])
+        for i, (x, p) in enumerate(zip(inputs.tensors, inputs.per_model, strict=True))
+    ]
+    return combine_task_vectors(
+        inputs.base,
+        deltas,
+        [p["weight"] for p in inputs.per_model],
+        elect_sign=True,
+        normalize=inputs.shared["normalize"],
+        scale=inputs.shared["lambda"],
+    )
