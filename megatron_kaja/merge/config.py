@@ -155,3 +155,41 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         return MergeConfig.model_validate(raw)
     except ValidationError as exc:
         raise ValueError(f"{path}: invalid merge config:\n{exc}") from exc
+
+
+def merge_config_from_flags(
+    method: str,
+    models: list[str],
+    base: str | None = None,
+    weights: list[float] | None = None,
+    density: float | None = None,
+    t: float | None = None,
+    normalize: bool | None = None,
+    lambda_: float | None = None,
+    seed: int = 0,
+    out_dtype: str | None = None,
+) -> MergeConfig:
+    """The `MergeConfig` that command-line flags describe (one weight per `--models` entry)."""
+    if weights is not None and len(weights) != len(models):
+        raise ValueError(f"--weights: got {len(weights)} values for {len(models)} --models")
+    entries = []
+    for i, path in enumerate(models):
+        params: dict = {}
+        if weights is not None:
+            params["weight"] = weights[i]
+        if density is not None:
+            params["density"] = density
+        entries.append({"model": path, "parameters": params})
+    shared = {"t": t, "normalize": normalize, "lambda": lambda_}
+    raw = {
+        "merge_method": method,
+        "base_model": base,
+        "models": entries,
+        "parameters": {k: v for k, v in shared.items() if v is not None},
+        "seed": seed,
+        "out_dtype": out_dtype,
+    }
+    try:
+        return MergeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"invalid merge flags:\n{exc}") from exc
