@@ -41,6 +41,9 @@ EXTRAS = {
         "pytest>=8",
         "pytest-timeout>=2.3",
         "ruff>=0.6",
+        # Parity tests of tools/merge_models.py against mergekit (tests/merge); its deps
+        # (accelerate, peft, ...) leave a CPU torch in place.
+        "mergekit>=0.1.5,<0.2",
     ],
 }
 
