@@ -147,7 +147,8 @@ def main() -> None:
 
     shape = llmjp_shape(args.size_gb)
     a, b = args.workdir / "model_a", args.workdir / "model_b"
-    if not (a.is_dir() and b.is_dir()):
+    # The index is written last: its presence means a checkpoint was written completely.
+    if not all((d / "model.safetensors.index.json").is_file() for d in (a, b)):
         shutil.rmtree(args.workdir, ignore_errors=True)
         print(f"writing two synthetic checkpoints {shape} to {args.workdir}", flush=True)
         write_pair(a, b, shape)

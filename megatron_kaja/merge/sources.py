@@ -68,35 +68,40 @@ class TensorSource(Protocol):
 class HFSafetensorsSource:
     """An HF checkpoint folder: `model.safetensors` or shards + `model.safetensors.index.json`.
 
-    Files are opened with `safe_open` on first use and kept open (memory-mapped), so a
-    `get` reads only the bytes of that one tensor; shapes and dtypes come from the headers.
+    Only the headers are read up front. `get` reads one tensor's bytes with a plain file
+    read into a fresh tensor rather than through a memory map (`safe_open`): pages of a
+    mapped file that were touched stay in the process's resident set until unmapped, so
+    streaming a whole checkpoint through a map shows up as RSS the size of the inputs.
     """
 
     def __init__(self, path: str | Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self.name = str(path)
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.path / "model.safetensors").is_file():
-            with safe_open(self.path / "model.safetensors", framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+            weight_map = None
         else:
             raise FileNotFoundError(
                 f"{self.path}: no model.safetensors or model.safetensors.index.json"
             )
-        self._file_of = weight_map
-        self._handles: dict[str, object] = {}
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self._headers: dict[str, dict] = {}
-        for file in sorted(set(weight_map.values())):
+        self._data_start: dict[str, int] = {}
+        file_of: dict[str, str] = {}
+        for file in files:
             if not (self.path / file).is_file():
                 raise FileNotFoundError(f"{self.path / file}: shard named in the index is missing")
-            self._headers.update(_read_safetensors_header(self.path / file))
-        for key, file in weight_map.items():
-            if key not in self._headers:
-                raise KeyError(f"{self.path / file}: tensor {key} is in the index but not the file")
+            header, self._data_start[file] = _read_safetensors_header(self.path / file)
+            self._headers.update(header)
+            file_of.update(dict.fromkeys(header, file))
+        if weight_map is not None:
+            for key, file in weight_map.items():
+                if file_of.get(key) != file:
+                    raise KeyError(f"{self.path / file}: lacks tensor {key} named in the index")
+            file_of = {key: file_of[key] for key in weight_map}
+        self._file_of = file_of
 
     def file_of(self, key: str) -> Path:
         """The shard file that holds `key` (for error messages)."""
@@ -112,12 +117,21 @@ class HFSafetensorsSource:
         return _SAFETENSORS_DTYPES[self._headers[key]["dtype"]]
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         file = self._file_of[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.path / file, framework="pt")
-        return self._handles[file].get_tensor(key)
+        begin, end = self._headers[key]["data_offsets"]
+        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if end == begin:
+            return tensor
+        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+        with open(self.path / file, "rb", buffering=0) as f:
+            f.seek(self._data_start[file] + begin)
+            done = 0
+            while done < end - begin:  # one read() returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{self.path / file}: truncated while reading {key}")
+                done += n
+        return tensor
 
     def hf_config(self) -> dict:
         config = self.path / "config.json"
@@ -129,13 +143,13 @@ class HFSafetensorsSource:
         return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES) else None
 
 
-def _read_safetensors_header(file: Path) -> dict:
-    """The tensor entries of a safetensors header, read without touching the data."""
+def _read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """The tensor entries of a safetensors header and where the data starts."""
     with open(file, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + size
 
 
 # name -> (detect(path) -> bool, open(path) -> TensorSource), tried in insertion order.
