@@ -20,6 +20,8 @@ class MergeInputs:
     `tensors` are the inputs other than the base (all inputs for methods without a base
     role), `per_model[i]` the resolved per-model parameters of `tensors[i]`, and
     `generator(i)` a seeded `torch.Generator` private to this tensor and model `i`.
+    The tensors are fresh copies owned by the method: it may (and, to keep peak memory
+    low, should) compute in place in them.
     """
 
     tensors: list[torch.Tensor]

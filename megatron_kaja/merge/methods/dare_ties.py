@@ -6,7 +6,11 @@ from __future__ import annotations
 import torch
 
 from megatron_kaja.merge.methods import MergeInputs, register_merge_method
-from megatron_kaja.merge.methods.task_vectors import combine_task_vectors, dare_drop
+from megatron_kaja.merge.methods.task_vectors import (
+    combine_task_vectors,
+    dare_drop,
+    task_vectors,
+)
 
 
 @register_merge_method(
@@ -17,9 +21,12 @@ from megatron_kaja.merge.methods.task_vectors import combine_task_vectors, dare_
 )
 def dare_ties(inputs: MergeInputs) -> torch.Tensor:
     """Drop with p = 1 - density (seeded per tensor and model), rescale, elect, sum."""
+    rescale = inputs.shared["rescale"]
     deltas = [
-        dare_drop(x - inputs.base, p["density"], inputs.generator(i), inputs.shared["rescale"])
-        for i, (x, p) in enumerate(zip(inputs.tensors, inputs.per_model, strict=True))
+        dare_drop(d, p["density"], inputs.generator(i), rescale)
+        for i, (d, p) in enumerate(
+            zip(task_vectors(inputs.tensors, inputs.base), inputs.per_model, strict=True)
+        )
     ]
     return combine_task_vectors(
         inputs.base,

@@ -13,8 +13,8 @@ from megatron_kaja.merge.methods import MergeInputs, register_merge_method
 def linear(inputs: MergeInputs) -> torch.Tensor:
     """sum_i w_i x_i, divided by sum_i w_i when `normalize` (the default)."""
     weights = [p["weight"] for p in inputs.per_model]
-    out = torch.zeros_like(inputs.tensors[0])
-    for w, x in zip(weights, inputs.tensors, strict=True):
+    out = inputs.tensors[0].mul_(weights[0])  # in place: the merge owns its inputs
+    for w, x in zip(weights[1:], inputs.tensors[1:], strict=True):
         out.add_(x, alpha=w)
     if inputs.shared["normalize"]:
         out.div_(sum(weights))

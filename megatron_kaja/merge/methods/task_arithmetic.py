@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_kaja.merge.methods import MergeInputs, register_merge_method
-from megatron_kaja.merge.methods.task_vectors import combine_task_vectors
+from megatron_kaja.merge.methods.task_vectors import combine_task_vectors, task_vectors
 
 
 @register_merge_method(
@@ -16,10 +16,9 @@ from megatron_kaja.merge.methods.task_vectors import combine_task_vectors
 )
 def task_arithmetic(inputs: MergeInputs) -> torch.Tensor:
     """Add the weighted task vectors to the base (divided by sum w_i when `normalize`)."""
-    deltas = [x - inputs.base for x in inputs.tensors]
     return combine_task_vectors(
         inputs.base,
-        deltas,
+        task_vectors(inputs.tensors, inputs.base),
         [p["weight"] for p in inputs.per_model],
         elect_sign=False,
         normalize=inputs.shared["normalize"],

@@ -3,6 +3,9 @@
 A task vector is `delta_i = m_i - base` (Ilharco et al. 2023). Methods differ in how each
 delta is sparsified (TIES trims by magnitude, DARE drops at random) and whether the
 deltas vote on a sign per parameter before they are summed (TIES' sign election).
+
+Every function here works in place on the deltas it is given (the merge owns them), so a
+merge of N models holds about N + 2 full-size float tensors at its peak.
 """
 
 from __future__ import annotations
@@ -10,27 +13,51 @@ from __future__ import annotations
 import torch
 
 
+def task_vectors(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+    """m_i - base for each model, computed in place in the models' own buffers."""
+    return [x.sub_(base) for x in models]
+
+
+def kth_largest_magnitude(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |delta|, exactly, with one extra bool per entry of scratch.
+
+    Non-negative IEEE floats order like their bit patterns read as integers, so a binary
+    search over the bit pattern (at most 32 rounds of "how many are >= mid") finds it.
+    `torch.kthvalue` would copy the values and an int64 index per entry (16 bytes each).
+    """
+    bits = delta.abs().view(torch.int32 if delta.dtype == torch.float32 else torch.int64)
+    lo, hi = int(bits.min()), int(bits.max())  # answer in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int((bits >= mid).sum()) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return torch.tensor(lo, dtype=bits.dtype).view(delta.dtype)
+
+
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `max(1, int(density * n))` largest-magnitude entries (TIES "trim" step).
 
     Yadav et al. 2023, "TIES-Merging", sec. 3: reset all but the top-k% values by
-    magnitude. The k-th largest magnitude is found with `kthvalue` (linear time, no full
-    sort); entries equal to the threshold are kept in index order until k are kept.
+    magnitude. Entries equal to the k-th largest magnitude are kept in index order until
+    k are kept. Works in place.
     """
     if density >= 1:
         return delta
     n = delta.numel()
     if density <= 0 or n == 0:
-        return torch.zeros_like(delta)
+        return delta.zero_()
     k = max(1, int(density * n))
-    magnitude = delta.abs().flatten()
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    threshold = kth_largest_magnitude(delta, k)
+    magnitude = delta.abs()
     keep = magnitude > threshold
     missing = k - int(keep.sum())
     if missing > 0:
-        at_threshold = torch.nonzero(magnitude == threshold).squeeze(1)[:missing]
-        keep[at_threshold] = True
-    return delta * keep.view_as(delta)
+        at_threshold = torch.nonzero((magnitude == threshold).flatten()).squeeze(1)[:missing]
+        keep.view(-1)[at_threshold] = True
+    del magnitude
+    return delta.masked_fill_(~keep, 0.0)
 
 
 def dare_drop(
@@ -39,15 +66,15 @@ def dare_drop(
     """Drop each entry with probability p = 1 - density, rescale survivors by 1 / (1 - p).
 
     Yu et al. 2023, "Language Models are Super Mario" (DARE), eq. 2: the rescale keeps the
-    expected value of the task vector unchanged.
+    expected value of the task vector unchanged. Works in place.
     """
     if density >= 1:
         return delta
     if density <= 0:
-        return torch.zeros_like(delta)
-    keep = torch.rand(delta.shape, generator=generator, dtype=delta.dtype) < density
-    out = delta * keep
-    return out.div_(density) if rescale else out
+        return delta.zero_()
+    drop = torch.rand(delta.shape, generator=generator, dtype=delta.dtype) >= density
+    delta.masked_fill_(drop, 0.0)
+    return delta.div_(density) if rescale else delta
 
 
 def combine_task_vectors(
@@ -62,34 +89,37 @@ def combine_task_vectors(
     """base + scale * (sum_i w_i delta_i) / divisor, optionally with TIES' sign election.
 
     With `elect_sign` (Yadav et al. 2023, "elect" and "disjoint merge"), each parameter's
-    sign is that of sum_i w_i delta_i, and only the weighted deltas agreeing with it are
-    summed; `normalize` then divides by the sum of the weights of the agreeing (and not
-    trimmed-away) entries, the disjoint mean. Without it, `normalize` divides by sum_i w_i.
+    sign is that of sum_i w_i delta_i (zero counts as positive), and only the weighted
+    deltas agreeing with it are summed; `normalize` then divides by the sum of the weights
+    of the agreeing (and not trimmed-away) entries, the disjoint mean. Without it,
+    `normalize` divides by sum_i w_i. Overwrites `deltas` (the result lives in the first).
     """
-    weighted = [d.mul_(w) for d, w in zip(deltas, weights, strict=True)]
+    for d, w in zip(deltas, weights, strict=True):
+        d.mul_(w)
+    mixed = deltas[0]
     if not elect_sign:
-        mixed = weighted[0]
-        for d in weighted[1:]:
+        for d in deltas[1:]:
             mixed.add_(d)
         total = sum(weights)
         if normalize and abs(total) >= 1e-8:
-            mixed = mixed / total
+            mixed.div_(total)
     else:
-        total_delta = torch.zeros_like(base)
-        for d in weighted:
+        total_delta = deltas[0].clone() if len(deltas) > 1 else deltas[0]
+        for d in deltas[1:]:
             total_delta.add_(d)
-        # Ties at zero vote positive, so that a zero sum still elects one sign.
-        elected = torch.where(total_delta >= 0, 1.0, -1.0).to(base.dtype)
+        positive = total_delta >= 0
         del total_delta
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for d, w in zip(weighted, weights, strict=True):
-            agree = torch.sign(d) == elected
-            mixed.add_(torch.where(agree, d, 0.0))
-            divisor.add_(agree.to(base.dtype), alpha=w)
-        if normalize:
-            divisor[divisor == 0] = 1.0
+        divisor = torch.zeros_like(base) if normalize else None
+        for i, (d, w) in enumerate(zip(deltas, weights, strict=True)):
+            agree = torch.where(positive, d > 0, d < 0)
+            d.masked_fill_(~agree, 0.0)
+            if i > 0:
+                mixed.add_(d)
+            if divisor is not None:
+                divisor.add_(agree, alpha=w)
+        if divisor is not None:
+            divisor.masked_fill_(divisor == 0, 1.0)
             mixed.div_(divisor)
     if scale != 1:
-        mixed = mixed * scale
-    return base + mixed
+        mixed.mul_(scale)
+    return mixed.add_(base)

@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 
 from megatron_kaja.merge.methods import MergeInputs, register_merge_method
-from megatron_kaja.merge.methods.task_vectors import combine_task_vectors, trim_to_density
+from megatron_kaja.merge.methods.task_vectors import (
+    combine_task_vectors,
+    task_vectors,
+    trim_to_density,
+)
 
 
 @register_merge_method(
@@ -21,8 +25,8 @@ from megatron_kaja.merge.methods.task_vectors import combine_task_vectors, trim_
 def ties(inputs: MergeInputs) -> torch.Tensor:
     """TIES with per-model weights and densities."""
     deltas = [
-        trim_to_density(x - inputs.base, p["density"])
-        for x, p in zip(inputs.tensors, inputs.per_model, strict=True)
+        trim_to_density(d, p["density"])
+        for d, p in zip(task_vectors(inputs.tensors, inputs.base), inputs.per_model, strict=True)
     ]
     return combine_task_vectors(
         inputs.base,
