@@ -10,6 +10,7 @@ import torch
 from merge_testing import load_tensors, write_altered_copy
 
 from megatron_kaja.merge import MergeConfig, run_merge
+from megatron_kaja.merge.methods.task_vectors import kth_largest_magnitude, trim_to_density
 
 NUM_LAYERS = 4  # megatron_kaja.tiny's default shape
 
@@ -254,3 +255,22 @@ def test_dare_with_density_one_is_task_arithmetic(tmp_path, merge_models):
     got = merge(tmp_path, raw)
     expected = {k: base[k] + 0.5 * (a[k] - base[k]) + 0.5 * (b[k] - base[k]) for k in base}
     assert_all_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_largest_magnitude_matches_a_full_sort(dtype):
+    gen = torch.Generator().manual_seed(0)
+    # Rounded to bf16 and back, so that many magnitudes tie, as in real bf16 checkpoints.
+    delta = torch.randn(4001, generator=gen).to(torch.bfloat16).to(dtype)
+    for k in (1, 7, 2000, 4001):
+        want = torch.sort(delta.abs(), descending=True).values[k - 1]
+        assert kth_largest_magnitude(delta, k) == want
+
+
+def test_trim_keeps_exactly_k_when_magnitudes_tie():
+    delta = torch.tensor([[0.5, -0.5, 0.25], [0.5, -1.0, 0.0]])
+    trimmed = trim_to_density(delta.clone(), density=0.5)  # k = 3: -1.0 and two of the 0.5s
+    assert int((trimmed != 0).sum()) == 3
+    assert trimmed[1, 1] == -1.0
+    # Ties at the threshold are kept in index order.
+    torch.testing.assert_close(trimmed, torch.tensor([[0.5, -0.5, 0.0], [0.0, -1.0, 0.0]]))
