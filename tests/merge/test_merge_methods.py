@@ -10,7 +10,11 @@ import torch
 from merge_testing import load_tensors, write_altered_copy
 
 from megatron_kaja.merge import MergeConfig, run_merge
-from megatron_kaja.merge.methods.task_vectors import kth_largest_magnitude, trim_to_density
+from megatron_kaja.merge.methods.task_vectors import (
+    kth_largest,
+    kth_largest_by_bisection,
+    trim_to_density,
+)
 
 NUM_LAYERS = 4  # megatron_kaja.tiny's default shape
 
@@ -257,14 +261,17 @@ def test_dare_with_density_one_is_task_arithmetic(tmp_path, merge_models):
     assert_all_close(got, expected)
 
 
+@pytest.mark.parametrize("select", [kth_largest, kth_largest_by_bisection])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kth_largest_magnitude_matches_a_full_sort(dtype):
+def test_kth_largest_matches_a_full_sort(select, dtype):
     gen = torch.Generator().manual_seed(0)
-    # Rounded to bf16 and back, so that many magnitudes tie, as in real bf16 checkpoints.
-    delta = torch.randn(4001, generator=gen).to(torch.bfloat16).to(dtype)
-    for k in (1, 7, 2000, 4001):
-        want = torch.sort(delta.abs(), descending=True).values[k - 1]
-        assert kth_largest_magnitude(delta, k) == want
+    # Above the direct-selection size, and rounded to bf16 so that many magnitudes tie,
+    # as in real bf16 checkpoints.
+    n = (1 << 20) + 4001
+    values = torch.randn(n, generator=gen).to(torch.bfloat16).to(dtype).abs()
+    ordered = torch.sort(values, descending=True).values
+    for k in (1, 7, n // 3, n // 2, n - 5, n):
+        assert select(values, k) == ordered[k - 1], k
 
 
 def test_trim_keeps_exactly_k_when_magnitudes_tie():
