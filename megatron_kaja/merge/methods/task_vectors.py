@@ -27,9 +27,9 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry of a flat tensor of non-negative floats, exactly.
 
     A full sort (or `torch.kthvalue`, which copies the values plus an int64 index per
-    entry) costs 16+ bytes of scratch per entry: 1.6 GB for one llm-jp embedding matrix.
+    entry) costs 16+ bytes of scratch per entry: 8 GB for llm-jp-3-13b's embedding matrix.
     Instead, a fixed-seed sample brackets the answer in a narrow band [lo, hi]; one pass
-    counts the entries above the band and one gathers the band (about 1% of the entries),
+    counts the entries above the band and one gathers the band (a few % of the entries),
     whose exact order statistic is then cheap. If the bracket misses (vanishingly rare),
     a binary search on the bit patterns (non-negative floats order like their bits as
     integers) finds the answer with one bool per entry of scratch.
