@@ -187,10 +187,10 @@ def main() -> None:
         tool = str(REPO / "tools" / "merge_models.py")
         ours_recipe = str(args.workdir / f"{method}_ours.yaml")
         theirs_recipe = str(args.workdir / f"{method}_mergekit.yaml")
+        mergekit_cli = [sys.executable, "-m", "mergekit.scripts.run_yaml"]
         commands = {
             "ours": [sys.executable, tool, "--config", ours_recipe, "--out", str(paths["ours"])],
-            "mergekit": [sys.executable, "-m", "mergekit.scripts.run_yaml", theirs_recipe]
-            + [str(paths["mergekit"])],
+            "mergekit": [*mergekit_cli, theirs_recipe, str(paths["mergekit"])],
         }
         # Alternate the tools and keep each one's best time: the machine is shared, so
         # single runs mostly measure the neighbours' load.
