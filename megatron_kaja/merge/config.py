@@ -106,6 +106,9 @@ class MergeConfig(BaseModel):
                         f"models[{i}].parameters.{name}: not a per-model parameter of "
                         f"{method.name!r} (per-model: {', '.join(sorted(method.model_params))})"
                     )
+        for name, default in method.shared_params.items():
+            if default is None and name not in self.parameters:
+                raise ValueError(f"parameters.{name}: required by {method.name!r}")
         for name, default in method.model_params.items():
             if default is not None or name in self.parameters:
                 continue

@@ -160,6 +160,10 @@ def test_failure_mid_merge_leaves_no_output(tmp_path, merge_models, monkeypatch)
             r"parameters\.t: not a parameter of 'linear'",
         ),
         (
+            {"merge_method": "slerp", "base_model": "a", "models": [{"model": "b"}]},
+            "parameters.t: required by 'slerp'",
+        ),
+        (
             {"merge_method": "linear", "models": [{"model": "a"}], "out_dtype": "fp8"},
             "out_dtype",
         ),
