@@ -46,6 +46,9 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "ruff>=0.6",
         "hypothesis>=6",  # property tests (judge score parsing, fencing)
+        # Parity tests of tools/merge_models.py against mergekit (tests/merge); its deps
+        # (accelerate, peft, ...) leave a CPU torch in place.
+        "mergekit>=0.1.5,<0.2",
     ],
 }
 
