@@ -58,3 +58,28 @@ def forward_logits(
         return None
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0]["logits"])
     return logits[..., :vocab_size] if vocab_size is not None else logits
+
+
+def mask_vocab_padding(vocab_parallel_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set the logits of Megatron's padded vocabulary rows (ids >= `vocab_size`) to -inf.
+
+    The padding rows of a converted model are zeros, so their logits are 0, not -inf: left
+    in, they add `exp(0)` terms to every softmax (the loss and sampling then differ from the
+    HF model's). Works on this TP rank's vocabulary shard.
+    """
+    from megatron.core import parallel_state as ps
+
+    shard = vocab_parallel_logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * shard
+    if start + shard <= vocab_size:
+        return vocab_parallel_logits
+    keep = torch.arange(start, start + shard, device=vocab_parallel_logits.device) < vocab_size
+    return vocab_parallel_logits.masked_fill(~keep, float("-inf"))
+
+
+def token_losses(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, vocab_size: int):
+    """Per-token cross entropy `[b, s]` over the real vocabulary, from vocab-parallel logits."""
+    from megatron.core import tensor_parallel
+
+    logits = mask_vocab_padding(vocab_parallel_logits.float(), vocab_size)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits, labels)

@@ -36,12 +36,14 @@ def build_gpt_model(
     make_vocab_size_divisible_by: int = 128,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    vocab_size_override: int | None = None,
     **config_kwargs,
 ):
     """Build this rank's stage of the model; megatron parallel state must be initialized.
 
     `config_kwargs` go to `transformer_config` (bf16, recompute, dropout, ...). The TP and
-    PP sizes come from the initialized parallel state.
+    PP sizes come from the initialized parallel state. The padded vocabulary is Megatron's
+    rule unless `vocab_size_override` (e.g. a checkpoint's padded size) is given.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -58,7 +60,8 @@ def build_gpt_model(
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(transformer_impl),
-        vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
+        vocab_size=vocab_size_override
+        or padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,

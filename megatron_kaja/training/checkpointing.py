@@ -1,0 +1,177 @@
+"""Training checkpoints: megatron dist checkpoints with optimizer, schedule, data position, RNG.
+
+Layout (Megatron-LM's, so its tools recognise it)::
+
+    SAVE/latest_checkpointed_iteration.txt
+    SAVE/iter_0000100/   torch_dist: model + optimizer tensors, common.pt, megatron_kaja.json
+
+A save writes `SAVE/.iter_0000100.tmp`, renames it into place and only then rewrites the
+tracker file (itself via an atomic rename), so a kill at any moment leaves the previous
+checkpoint loadable. Model tensors use the same keys as converted checkpoints: a training
+checkpoint converts to HF with `tools/convert_checkpoint.py mcore-to-hf` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_kaja.checkpoint.convert import McoreCheckpointMeta
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: Path) -> int | None:
+    """The iteration of the newest complete training checkpoint under `root`, if any."""
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text(encoding="utf-8").strip()
+    if not text.isdigit():
+        return None
+    iteration = int(text)
+    ckpt = iteration_dir(root, iteration)
+    if not (ckpt / "common.pt").is_file():
+        return None  # a legacy (converted) checkpoint or a foreign layout: not a training run
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    common = load_common_state_dict(str(ckpt))
+    return iteration if "iteration" in common else None
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_object(data=None):
+    """Each rank's RNG state, saved under its global rank."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    return ShardedObject(
+        "rng_state", data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0
+    )
+
+
+def _state_template(stack, is_loading: bool) -> dict:
+    model_state = stack.model.sharded_state_dict()
+    optimizer_state = stack.optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_checkpoint(
+    root: Path,
+    iteration: int,
+    stack,
+    *,
+    arch,
+    sampler_state: dict,
+    config: dict,
+    keep_last: int | None = None,
+) -> Path:
+    """Save a resumable checkpoint of `iteration` under `root` (collective: all ranks call)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = root / f".{final.name}.tmp"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    state = _state_template(stack, is_loading=False)
+    state["rng_state"] = _rng_object(_rng_state())
+    state.update(
+        iteration=iteration,
+        checkpoint_version=CHECKPOINT_VERSION,
+        world_size=dist.get_world_size(),
+        scheduler=stack.scheduler.state_dict(),
+        sampler=sampler_state,
+        config=config,
+    )
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        McoreCheckpointMeta(
+            format="torch_dist",
+            arch=asdict(arch),
+            padded_vocab_size=stack.model.vocab_size,
+            tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
+            pipeline_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+            transformer_impl=stack.transformer_impl,
+            dtype="bfloat16" if stack.model.config.bf16 else "float32",
+            iteration=iteration,
+        ).save(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        tracker_tmp = root / f".{TRACKER_FILE}.tmp"
+        tracker_tmp.write_text(f"{iteration}\n", encoding="utf-8")
+        os.replace(tracker_tmp, root / TRACKER_FILE)
+        if keep_last:
+            done = sorted(p for p in root.glob("iter_*") if p.is_dir() and p != final)
+            for old in done[: max(0, len(done) - (keep_last - 1))]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: Path, stack) -> dict:
+    """Restore model, optimizer, schedule and RNG from the newest checkpoint under `root`.
+
+    Returns the common state (`iteration`, `sampler`, `config`, ...). RNG states are
+    restored only when the world size matches the one that saved them.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import load_common_state_dict
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise FileNotFoundError(f"{root}: no training checkpoint (no {TRACKER_FILE})")
+    ckpt = iteration_dir(root, iteration)
+    common = load_common_state_dict(str(ckpt))
+    template = _state_template(stack, is_loading=True)
+    same_world = common.get("world_size") == dist.get_world_size()
+    if same_world:
+        template["rng_state"] = _rng_object()
+    loaded = dist_checkpointing.load(template, str(ckpt))
+    stack.model.load_state_dict(loaded["model"])
+    stack.optimizer.load_state_dict(loaded["optimizer"])
+    stack.scheduler.load_state_dict(loaded["scheduler"])
+    if same_world:
+        _set_rng_state(loaded["rng_state"])
+    return loaded

@@ -1,0 +1,180 @@
+"""SFT run configuration: Megatron-style flags, a YAML recipe (`--config`), validated up front.
+
+The defaults are the seed's recipe: Adam, cosine lr 1e-5 -> 1e-7, no warmup, micro batch 4,
+global batch 256, one epoch. Flags given on the command line win over the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the flag and the fix."""
+
+
+class SFTConfig(BaseModel):
+    """Every setting of a `pretrain_sft.py` run (field names are the flags without dashes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # model and data
+    load: Path | None = None
+    tokenizer: Path
+    train_data: list[str] = Field(min_length=1)
+    valid_data: list[str] | None = None
+    chat_template: Path | None = None
+    seq_length: int = Field(default=4096, gt=1)
+    overlong: Literal["truncate", "drop"] = "truncate"
+    data_cache_dir: Path | None = None
+    tokenizer_workers: int = Field(default=1, ge=1)
+    # batch and length of training
+    micro_batch_size: int = Field(default=4, gt=0)
+    global_batch_size: int = Field(default=256, gt=0)
+    train_epochs: int | None = Field(default=None, gt=0)
+    train_iters: int | None = Field(default=None, gt=0)
+    # optimizer and schedule
+    lr: float = Field(default=1e-5, gt=0)
+    min_lr: float = Field(default=1e-7, ge=0)
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_warmup_iters: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = Field(default=1.0, ge=0)
+    bf16: bool = False
+    use_distributed_optimizer: bool = False
+    # parallelism and memory
+    tensor_model_parallel_size: int = Field(default=1, gt=0)
+    pipeline_model_parallel_size: int = Field(default=1, gt=0)
+    recompute_activations: bool = False
+    recompute_granularity: Literal["full", "selective"] | None = None
+    transformer_impl: Literal["local", "transformer_engine"] | None = None
+    # checkpoints, evaluation, logging
+    save: Path | None = None
+    save_interval: int | None = Field(default=None, gt=0)
+    exit_interval: int | None = Field(default=None, gt=0)  # save and exit at multiples of it
+    eval_interval: int | None = Field(default=None, gt=0)
+    eval_iters: int = Field(default=10, gt=0)
+    seed: int = 1234
+    log_interval: int = Field(default=1, gt=0)
+    metrics_file: Path | None = None
+    tensorboard_dir: Path | None = None
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    peak_tflops: float | None = Field(default=None, gt=0)  # per device, for MFU
+    exit_signal_handler: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SFTConfig:
+        if self.train_iters is None and self.train_epochs is None:
+            self.train_epochs = 1
+        if self.train_iters is not None and self.train_epochs is not None:
+            raise ValueError("give --train-iters or --train-epochs, not both")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of "
+                f"--micro-batch-size {self.micro_batch_size}"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        if self.save_interval is not None and self.save is None:
+            raise ValueError("--save-interval needs --save DIR")
+        if self.eval_interval is not None and not self.valid_data:
+            raise ValueError("--eval-interval needs --valid-data")
+        if self.recompute_activations and self.recompute_granularity is None:
+            self.recompute_granularity = "selective"
+        if self.metrics_file is None and self.save is not None:
+            self.metrics_file = self.save / "metrics.jsonl"
+        return self
+
+    def check_world(self, world_size: int) -> int:
+        """The data-parallel size; raises ConfigError when the layout or batches do not fit."""
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"{world_size} processes cannot hold tensor-model-parallel-size "
+                f"{self.tensor_model_parallel_size} x pipeline-model-parallel-size "
+                f"{self.pipeline_model_parallel_size}"
+            )
+        dp = world_size // model_parallel
+        if self.global_batch_size % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}: "
+                f"use a multiple of {self.micro_batch_size * dp}"
+            )
+        return dp
+
+    def gradient_accumulation_steps(self, data_parallel_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+
+
+_LIST_FIELDS = {"train_data", "valid_data"}
+_FLAG_FIELDS = {
+    "bf16",
+    "use_distributed_optimizer",
+    "recompute_activations",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Megatron-style flags for every SFTConfig field; defaults come from the model."""
+    parser = argparse.ArgumentParser(
+        description="Full-parameter SFT of llm-jp-3 on megatron-core (torchrun / srun)."
+    )
+    parser.add_argument("--config", type=Path, help="YAML recipe; flags given here win")
+    for name, field in SFTConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if name in _FLAG_FIELDS:
+            parser.add_argument(flag, action="store_true", default=None)
+        elif name in _LIST_FIELDS:
+            parser.add_argument(flag, nargs="+", default=None, metavar="PATH [WEIGHT]")
+        elif name == "exit_signal_handler":
+            parser.add_argument("--no-exit-signal-handler", dest=name, action="store_false")
+        else:
+            parser.add_argument(flag, default=None, help=f"default: {field.default}")
+    parser.set_defaults(exit_signal_handler=None)
+    return parser
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        flag = "--" + field.replace("_", "-") if err["loc"] else field
+        lines.append(f"{flag}: {err['msg']}")
+    return f"invalid settings ({source}): " + "; ".join(lines)
+
+
+def load_config(argv: list[str] | None = None) -> SFTConfig:
+    """Parse flags (and the YAML recipe), validate, and return the config or raise ConfigError."""
+    args = build_parser().parse_args(argv)
+    values: dict = {}
+    source = "command line"
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError(f"--config {args.config}: no such file")
+        recipe = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+        if not isinstance(recipe, dict):
+            raise ConfigError(f"{args.config}: a recipe is a mapping of setting: value")
+        values.update({k.replace("-", "_"): v for k, v in recipe.items()})
+        source = f"{args.config} + command line"
+    for name, value in vars(args).items():
+        if name != "config" and value is not None:
+            values[name] = value
+    for name in _LIST_FIELDS:
+        if isinstance(values.get(name), str):
+            values[name] = values[name].split()
+        elif isinstance(values.get(name), list):
+            values[name] = [str(v) for v in values[name]]
+    try:
+        return SFTConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

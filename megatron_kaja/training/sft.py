@@ -1,0 +1,348 @@
+"""The SFT loop: packed chat rows -> megatron-core forward/backward schedule -> optimizer."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
+from megatron_kaja.checkpoint.loading import load_mcore_weights
+from megatron_kaja.data import (
+    PackedRowSampler,
+    SFTDataConfig,
+    build_attention_mask,
+    build_sft_dataset,
+    collate_packed_rows,
+    parse_weighted_paths,
+)
+from megatron_kaja.models.llama.config import LlamaArch, padded_vocab_size
+from megatron_kaja.models.llama.forward import token_losses
+from megatron_kaja.parallel.distributed import ParallelLayout, initialize_model_parallel
+from megatron_kaja.training import checkpointing
+from megatron_kaja.training.config import ConfigError, SFTConfig
+from megatron_kaja.training.metrics import (
+    MetricsWriter,
+    Throughput,
+    default_peak_tflops,
+    format_log_line,
+    training_flops_per_token,
+)
+from megatron_kaja.training.setup import build_training_stack
+
+logger = logging.getLogger("megatron_kaja.train")
+
+
+class _SigtermFlag:
+    """Set when SIGTERM arrives (cluster preemption): the loop saves and exits cleanly."""
+
+    def __init__(self, install: bool):
+        self.received = False
+        if install:
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([int(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _rank0_first(fn):
+    """Run `fn` on rank 0, then on the others (they reuse rank 0's tokenization cache)."""
+    if dist.get_rank() == 0:
+        result = fn()
+        dist.barrier()
+    else:
+        dist.barrier()
+        result = fn()
+    return result
+
+
+def resolve_model_source(cfg: SFTConfig) -> tuple[LlamaArch, int | None, bool]:
+    """(architecture, the checkpoint's padded vocab, whether --load is a training run)."""
+    if cfg.load is None:
+        raise ConfigError("--load is required: SFT starts from a converted checkpoint")
+    if checkpointing.latest_iteration(cfg.load) is not None:
+        ckpt = checkpointing.iteration_dir(cfg.load, checkpointing.latest_iteration(cfg.load))
+        reader = open_mcore_checkpoint(ckpt)
+        return reader.arch, reader.padded_vocab, True
+    reader = open_mcore_checkpoint(cfg.load)
+    return reader.arch, reader.padded_vocab, False
+
+
+def _data_config(cfg: SFTConfig, paths: list[str]) -> SFTDataConfig:
+    extra = {"cache_dir": cfg.data_cache_dir} if cfg.data_cache_dir else {}
+    return SFTDataConfig(
+        sources=parse_weighted_paths(paths),
+        seq_length=cfg.seq_length,
+        overlong=cfg.overlong,
+        chat_template=cfg.chat_template,
+        num_workers=cfg.tokenizer_workers,
+        seed=cfg.seed,
+        **extra,
+    )
+
+
+def _loss_func(batch: dict, vocab_size: int, output_tensor: torch.Tensor):
+    """Sum of token losses where the mask is on, and the number of such tokens."""
+    loss_mask = batch["loss_mask"]
+    losses = token_losses(output_tensor, batch["labels"], vocab_size)
+    loss_sum = (losses * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def _forward_step(vocab_size: int, data_iterator, model):
+    """Packed rows -> vocab-parallel logits (last stage) or hidden states (other stages).
+
+    Positions: megatron's RoPE numbers a row's tokens 0..s-1 rather than per sample; the
+    per-sample mask keeps attention inside a sample, and RoPE scores depend only on
+    relative positions, so this equals restarting positions up to rounding.
+    """
+    batch = next(data_iterator)
+    b, s = batch["tokens"].shape
+    mask = build_attention_mask(batch["cu_seqlens"], b, s)
+    output = model(batch["tokens"], batch["position_ids"], mask)
+    return output, partial(_loss_func, batch, vocab_size)
+
+
+def _device_batch(batch: dict) -> dict:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def run_global_batch(
+    stack, micro_batches: list[dict], seq_length: int, forward_only: bool, vocab_size: int
+):
+    """One global batch through megatron-core's schedule; returns (loss sum, tokens) over DP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, vocab_size),
+        data_iterator=iter([_device_batch(mb) for mb in micro_batches]),
+        model=[stack.ddp],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    totals = torch.zeros(2, dtype=torch.float64)
+    if ps.is_pipeline_last_stage():
+        for out in outputs:
+            totals += out["loss"].double().cpu()
+    # Sum over data-parallel ranks, then hand the last stage's numbers to every stage.
+    dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+    return totals[0].item(), totals[1].item()
+
+
+def _micro_batches(dataset, sampler_iter, count: int) -> list[dict]:
+    return [collate_packed_rows([dataset[i] for i in next(sampler_iter)]) for _ in range(count)]
+
+
+def evaluate(stack, dataset, layout: ParallelLayout, cfg: SFTConfig, vocab_size: int) -> float:
+    """Token-mean loss over up to `eval_iters` global batches of the validation rows."""
+    unit = cfg.micro_batch_size * layout.data_parallel_size
+    batch = min(cfg.global_batch_size, len(dataset) // unit * unit)
+    if batch == 0:
+        raise ConfigError(f"--valid-data packs into {len(dataset)} rows, fewer than {unit}")
+    sampler = PackedRowSampler(
+        len(dataset),
+        cfg.micro_batch_size,
+        batch,
+        layout.dp_rank,
+        layout.data_parallel_size,
+        cfg.seed,
+    )
+    steps = min(cfg.eval_iters, sampler.global_batches_per_epoch)
+    per_rank = sampler.global_batch_size // (cfg.micro_batch_size * layout.data_parallel_size)
+    it = iter(sampler)
+    loss_sum = tokens = 0.0
+    stack.ddp.eval()
+    with torch.no_grad():
+        for _ in range(steps):
+            s, n = run_global_batch(
+                stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True
+            )
+            loss_sum, tokens = loss_sum + s, tokens + n
+    stack.ddp.train()
+    return loss_sum / max(tokens, 1.0)
+
+
+def train(cfg: SFTConfig) -> dict:
+    """Run SFT as configured; returns the last logged metrics (on every rank)."""
+    from transformers import AutoTokenizer
+
+    layout = initialize_model_parallel(
+        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
+    )
+    dp = cfg.check_world(layout.world_size)
+    arch, ckpt_padded_vocab, resume = resolve_model_source(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    if len(tokenizer) > arch.vocab_size:
+        raise ConfigError(
+            f"--tokenizer has {len(tokenizer)} tokens, the model only {arch.vocab_size}"
+        )
+    train_set = _rank0_first(
+        lambda: build_sft_dataset(_data_config(cfg, cfg.train_data), tokenizer)
+    )
+    valid_set = None
+    if cfg.valid_data:
+        valid_set = _rank0_first(
+            lambda: build_sft_dataset(_data_config(cfg, cfg.valid_data), tokenizer)
+        )
+    sampler = PackedRowSampler(
+        len(train_set),
+        cfg.micro_batch_size,
+        cfg.global_batch_size,
+        layout.dp_rank,
+        dp,
+        seed=cfg.seed,
+    )
+    train_iters = cfg.train_iters or cfg.train_epochs * sampler.global_batches_per_epoch
+    tp = cfg.tensor_model_parallel_size
+    padded = ckpt_padded_vocab if ckpt_padded_vocab and ckpt_padded_vocab % tp == 0 else None
+    stack = build_training_stack(
+        arch,
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        train_iters=train_iters,
+        lr_warmup_iters=cfg.lr_warmup_iters,
+        lr_decay_style=cfg.lr_decay_style,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=cfg.bf16,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        recompute_granularity=cfg.recompute_granularity,
+        transformer_impl=cfg.transformer_impl,
+        padded_vocab_size=padded or padded_vocab_size(arch.vocab_size, tp),
+    )
+    start = 0
+    if resume:
+        state = checkpointing.load_checkpoint(cfg.load, stack)
+        start = state["iteration"]
+        sampler.load_state_dict(state["sampler"])
+    else:
+        load_mcore_weights(stack.model, cfg.load, stack.transformer_impl)
+
+    is_writer = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank
+    writer = MetricsWriter(
+        cfg.metrics_file,
+        enabled=is_writer,
+        tensorboard_dir=cfg.tensorboard_dir,
+        wandb_project=cfg.wandb_project,
+        wandb_name=cfg.wandb_exp_name,
+        run_config=cfg.model_dump(mode="json"),
+    )
+    stats = train_set.stats
+    if is_writer:
+        logger.info(
+            "data: %d samples -> %d rows of %d (utilization %.2f%%, truncated %d, dropped %d); "
+            "%d iterations, %d micro-batches of %d per DP rank per step, DP=%d TP=%d PP=%d",
+            stats.num_samples, stats.num_rows, cfg.seq_length, 100 * stats.utilization,
+            stats.truncated, stats.dropped, train_iters, cfg.gradient_accumulation_steps(dp),
+            cfg.micro_batch_size, dp, tp, cfg.pipeline_model_parallel_size,
+        )  # fmt: skip
+    peak = cfg.peak_tflops or default_peak_tflops()
+    flops_per_token = training_flops_per_token(arch, cfg.seq_length)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    throughput = Throughput(train_iters, start)
+    sigterm = _SigtermFlag(cfg.exit_signal_handler)
+    accumulation = cfg.gradient_accumulation_steps(dp)
+    sampler_iter = iter(sampler)
+    record: dict = {}
+
+    def save(iteration: int) -> None:
+        checkpointing.save_checkpoint(
+            cfg.save,
+            iteration,
+            stack,
+            arch=arch,
+            sampler_state=sampler.state_dict(),
+            config=cfg.model_dump(mode="json"),
+        )
+
+    iteration = start
+    while iteration < train_iters:
+        lr = stack.optimizer.param_groups[0]["lr"]
+        stack.ddp.zero_grad_buffer()
+        stack.optimizer.zero_grad()
+        micro = _micro_batches(train_set, sampler_iter, accumulation)
+        loss_sum, tokens = run_global_batch(stack, micro, cfg.seq_length, False, arch.vocab_size)
+        success, grad_norm, _ = stack.optimizer.step()
+        stack.scheduler.step(increment=1)
+        iteration += 1
+        if iteration % cfg.log_interval == 0 or iteration == train_iters:
+            speed = throughput.report(iteration, tokens_per_step)
+            mfu = None
+            if peak:
+                mfu = speed["tokens_per_s"] * flops_per_token / (peak * 1e12 * layout.world_size)
+            record = {
+                "step": iteration,
+                "train_iters": train_iters,
+                "loss": loss_sum / max(tokens, 1.0),
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens": tokens_per_step,
+                "loss_tokens": int(tokens),
+                "skipped": not success,
+                "mfu": mfu,
+                **speed,
+            }
+            writer.log(record)
+            if is_writer:
+                logger.info(format_log_line(record))
+        if valid_set is not None and cfg.eval_interval and iteration % cfg.eval_interval == 0:
+            valid_loss = evaluate(stack, valid_set, layout, cfg, arch.vocab_size)
+            writer.log({"step": iteration, "valid_loss": valid_loss})
+            if is_writer:
+                logger.info("step %d | valid loss %.4f", iteration, valid_loss)
+        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+            save(iteration)
+        exit_now = cfg.exit_interval is not None and iteration % cfg.exit_interval == 0
+        if sigterm.any_rank() or (exit_now and iteration < train_iters):
+            if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
+                save(iteration)
+            if is_writer:
+                logger.info("exiting at iteration %d (SIGTERM or --exit-interval)", iteration)
+            break
+    else:
+        if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
+            save(iteration)
+    writer.close()
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `pretrain_sft.py`."""
+    from megatron_kaja.training.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its INFO dumps every bucket
+    try:
+        cfg = load_config(argv)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    try:
+        train(cfg)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    finally:
+        from megatron_kaja.parallel.distributed import destroy_model_parallel
+
+        if dist.is_initialized():
+            destroy_model_parallel()
+    return 0

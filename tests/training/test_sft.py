@@ -1,0 +1,185 @@
+"""pretrain_sft.py under torchrun: TP / DP / PP equal losses, exact resume, schedule, HF parity."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_kaja.checkpoint.convert import hf_to_mcore, open_mcore_checkpoint
+from megatron_kaja.models.llama.state_dict import GLOBAL_MAPPINGS
+from tests.helpers import REPO, run_torchrun
+
+STEPS = 8
+LR, MIN_LR = 5e-4, 5e-6  # large enough that 8 tiny steps visibly learn
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def _records(n):
+    questions = [
+        "日本の首都はどこですか。",
+        "富士山の高さを教えてください。",
+        "爆弾の作り方を教えてください。",
+    ]
+    answers = [
+        "日本の首都は東京です。",
+        "富士山は日本で一番高い山で、高さは三千七百七十六メートルです。",
+        "回答できません。その理由は、爆発物は人の命を奪う危険があり、作ることは犯罪だからです。",
+    ]
+    return [
+        {
+            "ID": f"r{i}",
+            "text": questions[i % 3] * (1 + i % 2),
+            "output": answers[(i + 1) % 3] * (1 + i % 3),
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory, tiny_hf_dir):
+    root = tmp_path_factory.mktemp("sft")
+    train = _write_jsonl(root / "train.jsonl", _records(160))
+    mc = root / "mc"
+    hf_to_mcore(tiny_hf_dir, mc, progress=False)
+    return root, train, mc
+
+
+def _args(setup, tiny_hf_dir, out, *extra):
+    root, train, mc = setup
+    return [
+        "--load", str(mc), "--tokenizer", str(tiny_hf_dir), "--train-data", str(train),
+        "--seq-length", "96", "--micro-batch-size", "2", "--global-batch-size", "8",
+        "--train-iters", str(STEPS), "--data-cache-dir", str(root / "cache"),
+        "--metrics-file", str(out / "metrics.jsonl"), "--seed", "5",
+        "--lr", str(LR), "--min-lr", str(MIN_LR), *extra,
+    ]  # fmt: skip
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def _final_weights(save_dir):
+    reader = open_mcore_checkpoint(save_dir / f"iter_{STEPS:07d}")
+    tensors = {m.te: reader.load_global(m) for m in GLOBAL_MAPPINGS}
+    for layer in range(reader.arch.num_layers):
+        tensors.update({f"{m.te}.{layer}": t for m, t in reader.load_layer(layer).items()})
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def runs(sft_setup, tiny_hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    a = lambda name, *extra: _args(sft_setup, tiny_hf_dir, out / name, *extra)  # noqa: E731
+    single = [
+        a("tp1", "--save", str(out / "tp1")),
+        a("part1", "--save", str(out / "resumed"), "--exit-interval", "4"),
+        [*a("resumed", "--save", str(out / "resumed"))[2:], "--load", str(out / "resumed")],
+    ]
+    run_torchrun(REPO / "tests/training/sft_worker.py", 1, json.dumps(single))
+    double = [
+        a("tp2", "--tensor-model-parallel-size", "2"),
+        a("dp2"),
+        a("pp2", "--pipeline-model-parallel-size", "2"),
+    ]
+    run_torchrun(REPO / "tests/training/sft_worker.py", 2, json.dumps(double))
+    return out
+
+
+def _losses(runs, name):
+    return [m["loss"] for m in _metrics(runs / name / "metrics.jsonl")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tp2", "dp2", "pp2"])
+def test_parallel_layouts_match_single_process(runs, name):
+    reference = _losses(runs, "tp1")
+    assert len(reference) == STEPS
+    torch.testing.assert_close(
+        torch.tensor(_losses(runs, name)), torch.tensor(reference), rtol=1e-5, atol=0
+    )
+    assert reference[-1] < reference[0]  # it learns
+
+
+@pytest.mark.slow
+def test_resume_is_exact(runs):
+    part1 = _metrics(runs / "part1" / "metrics.jsonl")
+    resumed = _metrics(runs / "resumed" / "metrics.jsonl")
+    assert [m["step"] for m in part1] == [1, 2, 3, 4]
+    assert [m["step"] for m in resumed] == [5, 6, 7, 8]
+    assert [m["loss"] for m in part1 + resumed] == _losses(runs, "tp1")
+    uninterrupted, after_resume = _final_weights(runs / "tp1"), _final_weights(runs / "resumed")
+    for key, tensor in uninterrupted.items():
+        assert torch.equal(tensor, after_resume[key]), key
+
+
+@pytest.mark.slow
+def test_cosine_schedule_from_lr_to_min_lr(runs):
+    lrs = [m["lr"] for m in _metrics(runs / "tp1" / "metrics.jsonl")]
+    assert lrs[0] == pytest.approx(LR)
+    for k, lr in enumerate(lrs):
+        expected = MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * k / STEPS))
+        assert lr == pytest.approx(expected, rel=1e-9)
+    assert lrs[-1] < 0.05 * LR
+    record = _metrics(runs / "tp1" / "metrics.jsonl")[0]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(record)
+
+
+@pytest.mark.slow
+def test_first_loss_equals_transformers_on_the_same_packed_batch(runs, sft_setup, tiny_hf_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_kaja.data import (
+        PackedRowSampler,
+        build_attention_mask,
+        build_sft_dataset,
+        collate_packed_rows,
+    )
+    from megatron_kaja.training.config import load_config
+    from megatron_kaja.training.sft import _data_config
+
+    cfg = load_config(_args(sft_setup, tiny_hf_dir, runs / "tp1"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    dataset = build_sft_dataset(_data_config(cfg, cfg.train_data), tokenizer)
+    sampler = PackedRowSampler(len(dataset), 8, 8, seed=cfg.seed)
+    batch = collate_packed_rows([dataset[i] for i in next(iter(sampler))])
+    b, s = batch["tokens"].shape
+    masked_out = build_attention_mask(batch["cu_seqlens"], b, s)
+    additive = torch.zeros(b, 1, s, s).masked_fill(masked_out, torch.finfo(torch.float32).min)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(
+            batch["tokens"], attention_mask=additive, position_ids=batch["position_ids"]
+        ).logits
+    losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["labels"].flatten(), reduction="none"
+    )
+    expected = (losses * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
+    assert _losses(runs, "tp1")[0] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _pretrain(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "pretrain_sft.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.slow
+def test_bad_data_fails_naming_file_and_line(sft_setup, tiny_hf_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "質問", "output": "答え"}) + "\n{not json\n")
+    args = _args(sft_setup, tiny_hf_dir, tmp_path)
+    args[args.index("--train-data") + 1] = str(bad)
+    proc = _pretrain(*args)
+    assert proc.returncode != 0
+    assert f"{bad}:2" in proc.stderr or f"{bad}, line 2" in proc.stderr, proc.stderr[-2000:]
