@@ -183,3 +183,42 @@ def test_bad_data_fails_naming_file_and_line(sft_setup, tiny_hf_dir, tmp_path):
     proc = _pretrain(*args)
     assert proc.returncode != 0
     assert f"{bad}:2" in proc.stderr or f"{bad}, line 2" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_continues(sft_setup, tiny_hf_dir, tmp_path):
+    """Preemption: SIGTERM mid-run saves a checkpoint; a rerun resumes after it."""
+    import os
+    import signal
+    import time
+
+    save = tmp_path / "ckpt"
+    args = _args(sft_setup, tiny_hf_dir, tmp_path, "--save", str(save))
+    args[args.index("--train-iters") + 1] = "100000"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "pretrain_sft.py"), *args],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count("\n") >= 2
+    ):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    from megatron_kaja.training.checkpointing import latest_iteration
+
+    saved = latest_iteration(save)
+    assert saved is not None and saved >= 2
+    steps = [m["step"] for m in _metrics(metrics)]
+    assert steps[-1] == saved
+    # A stale temporary folder from a save killed half-way is ignored by the next load.
+    (save / f".iter_{saved + 1:07d}.tmp").mkdir()
+    args[args.index("--train-iters") + 1] = str(saved + 1)
+    args[args.index("--load") + 1] = str(save)  # resume from the run instead of the weights
+    proc = _pretrain(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in _metrics(metrics)][-1] == saved + 1
