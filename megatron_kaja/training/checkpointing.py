@@ -85,9 +85,13 @@ def _rng_object(data=None):
     )
 
 
-def _state_template(stack, is_loading: bool) -> dict:
+def _state_template(stack, is_loading: bool, optimizer_sharding: str) -> dict:
     model_state = stack.model.sharded_state_dict()
-    optimizer_state = stack.optimizer.sharded_state_dict(model_state, is_loading=is_loading)
+    optimizer_state = stack.optimizer.sharded_state_dict(
+        model_state,
+        is_loading=is_loading,
+        metadata={"distrib_optim_sharding_type": optimizer_sharding},
+    )
     return {"model": model_state, "optimizer": optimizer_state}
 
 
@@ -100,6 +104,7 @@ def save_checkpoint(
     sampler_state: dict,
     config: dict,
     keep_last: int | None = None,
+    optimizer_fully_reshardable: bool = False,
 ) -> Path:
     """Save a resumable checkpoint of `iteration` under `root` (collective: all ranks call)."""
     from megatron.core import dist_checkpointing
@@ -113,12 +118,16 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    state = _state_template(stack, is_loading=False)
+    # The distributed optimizer's state: "dp_reshardable" saves fully in parallel and
+    # reshards across DP only; "fully_reshardable" gathers per DP group and loads at any layout.
+    sharding = "fully_reshardable" if optimizer_fully_reshardable else "dp_reshardable"
+    state = _state_template(stack, is_loading=False, optimizer_sharding=sharding)
     state["rng_state"] = _rng_object(_rng_state())
     state.update(
         iteration=iteration,
         checkpoint_version=CHECKPOINT_VERSION,
         world_size=dist.get_world_size(),
+        optimizer_sharding=sharding,
         scheduler=stack.scheduler.state_dict(),
         sampler=sampler_state,
         config=config,
@@ -150,6 +159,19 @@ def save_checkpoint(
     return final
 
 
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer its state tensors before a load.
+
+    Without apex / transformer-engine, megatron's distributed optimizer wraps torch Adam,
+    whose state exists only after a step, and its checkpoint template needs that state.
+    megatron-core's own helper fills it with placeholders that the load then overwrites.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not inner.optimizer.state:
+            init()
+
+
 def load_checkpoint(root: Path, stack) -> dict:
     """Restore model, optimizer, schedule and RNG from the newest checkpoint under `root`.
 
@@ -164,13 +186,22 @@ def load_checkpoint(root: Path, stack) -> dict:
         raise FileNotFoundError(f"{root}: no training checkpoint (no {TRACKER_FILE})")
     ckpt = iteration_dir(root, iteration)
     common = load_common_state_dict(str(ckpt))
-    template = _state_template(stack, is_loading=True)
+    _materialize_optimizer_state(stack.optimizer)
+    template = _state_template(
+        stack,
+        is_loading=True,
+        optimizer_sharding=common.get("optimizer_sharding", "dp_reshardable"),
+    )
     same_world = common.get("world_size") == dist.get_world_size()
     if same_world:
         template["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(template, str(ckpt))
     stack.model.load_state_dict(loaded["model"])
-    stack.optimizer.load_state_dict(loaded["optimizer"])
+    # The optimizer's fp32 main params were copied from the weights at construction: refresh
+    # them from the loaded weights (the optimizer state below overwrites what it holds).
+    stack.optimizer.reload_model_params()
+    with torch.no_grad():  # the distributed optimizer copies into its fp32 main params in place
+        stack.optimizer.load_state_dict(loaded["optimizer"])
     stack.scheduler.load_state_dict(loaded["scheduler"])
     if same_world:
         _set_rng_state(loaded["rng_state"])

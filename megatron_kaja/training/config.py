@@ -50,6 +50,7 @@ class SFTConfig(BaseModel):
     clip_grad: float = Field(default=1.0, ge=0)
     bf16: bool = False
     use_distributed_optimizer: bool = False
+    dist_ckpt_optim_fully_reshardable: bool = False
     # parallelism and memory
     tensor_model_parallel_size: int = Field(default=1, gt=0)
     pipeline_model_parallel_size: int = Field(default=1, gt=0)
@@ -120,6 +121,7 @@ _LIST_FIELDS = {"train_data", "valid_data"}
 _FLAG_FIELDS = {
     "bf16",
     "use_distributed_optimizer",
+    "dist_ckpt_optim_fully_reshardable",
     "recompute_activations",
 }
 

@@ -271,6 +271,7 @@ def train(cfg: SFTConfig) -> dict:
             arch=arch,
             sampler_state=sampler.state_dict(),
             config=cfg.model_dump(mode="json"),
+            optimizer_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
         )
 
     iteration = start
