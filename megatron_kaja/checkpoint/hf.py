@@ -71,6 +71,8 @@ def hf_config_dict(arch: LlamaArch, dtype: str, template_dir: Path | None) -> di
     # Keep the template's other fields (e.g. its exact transformers version, extra ids).
     template = json.loads((template_dir / "config.json").read_text(encoding="utf-8"))
     template.update({k: v for k, v in config.items() if k != "rope_theta"})
+    if "dtype" in template:  # transformers 5 spelling, read before torch_dtype
+        template["dtype"] = dtype
     if "rope_parameters" not in template:
         template["rope_theta"] = arch.rope_theta
     return template

@@ -176,7 +176,7 @@ def parse_size(size: str | int) -> int:
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     units |= {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
     text = size.strip().upper()
-    for unit, factor in units.items():  # binary units first: "GIB" also ends with "B"
+    for unit, factor in units.items():  # "B" last: every unit ends with it
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)

@@ -92,7 +92,7 @@ def _architecture_value(config: dict, field: str):
 
 def _config_file(path: str) -> str:
     config = Path(path) / "config.json"
-    return str(config) if config.is_file() else f"{path} (its checkpoint's arguments)"
+    return str(config) if config.is_file() else f"{path} (Megatron checkpoint)"
 
 
 def _check_architectures(sources: dict[str, TensorSource], reference: str) -> None:

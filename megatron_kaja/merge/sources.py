@@ -17,6 +17,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from megatron_kaja.checkpoint.convert import (
+    mcore_global_as_hf,
+    mcore_layer_as_hf,
+    open_mcore_checkpoint,
+)
 from megatron_kaja.checkpoint.hf import TOKENIZER_FILES, hf_config_dict
 from megatron_kaja.checkpoint.safetensors_io import SafetensorsFolder
 from megatron_kaja.models.llama.state_dict import (
@@ -88,10 +93,6 @@ class MegatronSource:
     """
 
     def __init__(self, path: str | Path, hf_template: Path | None = None):
-        # Imported here: the converter pulls in torch.distributed checkpointing, which a
-        # merge of HF folders does not need to pay for.
-        from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
-
         self.path = Path(path)
         self.name = str(path)
         self.template = Path(hf_template) if hf_template is not None else None
@@ -119,8 +120,6 @@ class MegatronSource:
         return self._dtype
 
     def get(self, key: str) -> torch.Tensor:
-        from megatron_kaja.checkpoint.convert import mcore_global_as_hf, mcore_layer_as_hf
-
         # Cloned: merges work in place on what they get, and these are views into the
         # reader's tensors (for legacy checkpoints, into its memory-mapped rank files).
         if key in self._global_of:

@@ -210,7 +210,7 @@ def test_megatron_architecture_mismatch_names_the_checkpoint(
     meta["arch"]["vocab_size"] = 500
     (broken / "megatron_kaja.json").write_text(json.dumps(meta))
     expected = (
-        rf"{re.escape(str(broken))} \(its checkpoint's arguments\) has vocab_size=500, "
+        rf"{re.escape(str(broken))} \(Megatron checkpoint\) has vocab_size=500, "
         rf"{re.escape(str(merge_models['base']))}/config\.json has 509"
     )
     assert_merge_fails(tmp_path, merge_models, broken, expected)
