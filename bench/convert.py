@@ -49,14 +49,14 @@ def make_checkpoint(out: Path, num_layers: int | None) -> int:
     import torch
 
     from megatron_kaja.checkpoint.convert import _hf_plan
-    from megatron_kaja.checkpoint.hf import PlannedTensor, write_safetensors_streaming
+    from megatron_kaja.checkpoint.safetensors_io import TensorSpec, write_safetensors_streaming
     from megatron_kaja.models.llama.config import PRESETS
 
     arch = PRESETS["llm-jp-3-1.8b"]
     if num_layers:
         arch = replace(arch, num_layers=num_layers)
     out.mkdir(parents=True)
-    plan: list[PlannedTensor] = _hf_plan(arch, torch.bfloat16)
+    plan: list[TensorSpec] = _hf_plan(arch, torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
 
     def tensors():

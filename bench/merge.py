@@ -33,8 +33,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from megatron_kaja.checkpoint.safetensors_io import (  # noqa: E402
+    ShardedSafetensorsWriter,
+    TensorSpec,
+)
 from megatron_kaja.merge.sources import open_tensor_source  # noqa: E402
-from megatron_kaja.merge.writer import ShardedSafetensorsWriter, TensorSpec  # noqa: E402
 
 VOCAB = 99584  # llm-jp-3's padded vocabulary
 HEAD_DIM = 128

@@ -1,4 +1,4 @@
-"""Merge HF checkpoints (linear, slerp, task_arithmetic, ties, dare_ties, dare_linear).
+"""Merge HF or Megatron checkpoints (linear, slerp, task_arithmetic, ties, dare_*).
 
     python tools/merge_models.py --config merge.yaml --out MERGED [--evaluate EVAL_ARGS...]
     python tools/merge_models.py --method ties --base BASE --models A B --weights 0.5 0.5 \\
@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     p.add_argument("--method", choices=merge_method_names())
     p.add_argument("--base", help="base model folder (slerp, task_arithmetic, ties, dare_*)")
-    p.add_argument("--models", nargs="+", help="model folders to merge")
+    p.add_argument("--models", nargs="+", help="model folders to merge (HF or Megatron)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per --models entry")
     p.add_argument("--density", type=float, help="fraction of each task vector kept")
     p.add_argument("--t", type=float, help="slerp: 0 gives the base, 1 the other model")
@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the DARE drop masks")
     p.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument(
+        "--hf-template",
+        help="HF folder whose config.json describes Megatron inputs without megatron_kaja.json",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -53,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             check_evaluate_tool()
         if args.config is not None:
             config = load_merge_config(args.config)
-            if args.out_dtype:
-                config = config.model_copy(update={"out_dtype": args.out_dtype})
+            for field in ("out_dtype", "hf_template"):
+                if getattr(args, field):
+                    config = config.model_copy(update={field: getattr(args, field)})
         else:
             config = merge_config_from_flags(
                 args.method,
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda_=args.lambda_,
                 seed=args.seed,
                 out_dtype=args.out_dtype,
+                hf_template=args.hf_template,
             )
         run_merge(config, args.out, args.max_shard_size, progress=not args.no_progress)
     except (MergeInputError, ValueError, FileNotFoundError) as exc:

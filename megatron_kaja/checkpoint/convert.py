@@ -19,14 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from megatron_kaja.checkpoint.hf import (
-    CheckpointError,
-    HFCheckpointReader,
-    PlannedTensor,
-    write_hf_metadata,
-    write_safetensors_streaming,
-)
+from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.hf import HFCheckpointReader, write_hf_metadata
 from megatron_kaja.checkpoint.legacy import TRACKER_FILE, LegacyReader, write_legacy
+from megatron_kaja.checkpoint.safetensors_io import TensorSpec, write_safetensors_streaming
 from megatron_kaja.checkpoint.torch_dist import TorchDistReader, write_torch_dist
 from megatron_kaja.models.llama.config import (
     LlamaArch,
@@ -102,8 +98,8 @@ def _checkpoint_dtype(reader: HFCheckpointReader) -> torch.dtype:
     name = reader.config.get("torch_dtype") or reader.config.get("dtype")
     if name in DTYPES:
         return DTYPES[name]
-    code = reader.dtype(hf_keys(EMBEDDING)[0])
-    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
+    dtype = reader.dtype(hf_keys(EMBEDDING)[0])
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def hf_to_mcore(
@@ -123,49 +119,45 @@ def hf_to_mcore(
         raise ValueError(f"format {fmt!r}: use one of {FORMATS}")
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"transformer impl {transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
-    with HFCheckpointReader(hf_dir) as reader:
-        arch = reader.arch
-        check_parallel_layout(arch, tensor_parallel_size, pipeline_parallel_size)
-        reader.validate(hf_shapes(arch))
-        out_dtype = DTYPES[dtype] if dtype else _checkpoint_dtype(reader)
-        padded = padded_vocab_size(
-            arch.vocab_size, tensor_parallel_size, make_vocab_size_divisible_by
-        )
-        bar = tqdm(
-            total=arch.num_layers + 3, desc="hf -> mcore", unit="layer", disable=not progress
-        )
+    reader = HFCheckpointReader(hf_dir)
+    arch = reader.arch
+    check_parallel_layout(arch, tensor_parallel_size, pipeline_parallel_size)
+    reader.validate(hf_shapes(arch))
+    out_dtype = DTYPES[dtype] if dtype else _checkpoint_dtype(reader)
+    padded = padded_vocab_size(arch.vocab_size, tensor_parallel_size, make_vocab_size_divisible_by)
+    bar = tqdm(total=arch.num_layers + 3, desc="hf -> mcore", unit="layer", disable=not progress)
 
-        def global_tensor(mapping: TensorMapping, layer: int | None) -> torch.Tensor:
-            hf = [reader.get(k) for k in hf_keys(mapping, layer)]
-            if mapping in (LAYER_MAPPINGS[-1], EMBEDDING, FINAL_NORM, OUTPUT_LAYER):
-                bar.update()
-            return mapping.global_from_hf(arch, hf, padded).to(out_dtype)
+    def global_tensor(mapping: TensorMapping, layer: int | None) -> torch.Tensor:
+        hf = [reader.get(k) for k in hf_keys(mapping, layer)]
+        if mapping in (LAYER_MAPPINGS[-1], EMBEDDING, FINAL_NORM, OUTPUT_LAYER):
+            bar.update()
+        return mapping.global_from_hf(arch, hf, padded).to(out_dtype)
 
-        meta = McoreCheckpointMeta(
-            format=fmt,
-            arch=arch.to_dict(),
-            padded_vocab_size=padded,
-            tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size,
-            transformer_impl=transformer_impl,
-            dtype=_dtype_name(out_dtype),
-        )
-        with atomic_output_dir(out) as tmp:
-            if fmt == "torch_dist":
-                write_torch_dist(tmp, arch, padded, out_dtype, global_tensor, transformer_impl)
-            else:
-                write_legacy(
-                    tmp,
-                    arch,
-                    padded,
-                    out_dtype,
-                    global_tensor,
-                    tensor_parallel_size,
-                    pipeline_parallel_size,
-                    transformer_impl,
-                )
-            meta.save(tmp)
-        bar.close()
+    meta = McoreCheckpointMeta(
+        format=fmt,
+        arch=arch.to_dict(),
+        padded_vocab_size=padded,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        transformer_impl=transformer_impl,
+        dtype=_dtype_name(out_dtype),
+    )
+    with atomic_output_dir(out) as tmp:
+        if fmt == "torch_dist":
+            write_torch_dist(tmp, arch, padded, out_dtype, global_tensor, transformer_impl)
+        else:
+            write_legacy(
+                tmp,
+                arch,
+                padded,
+                out_dtype,
+                global_tensor,
+                tensor_parallel_size,
+                pipeline_parallel_size,
+                transformer_impl,
+            )
+        meta.save(tmp)
+    bar.close()
     return meta
 
 
@@ -212,13 +204,31 @@ def open_mcore_checkpoint(mcore_dir: str | Path, hf_template: str | Path | None 
     return reader
 
 
-def _hf_plan(arch: LlamaArch, dtype: torch.dtype) -> list[PlannedTensor]:
+def mcore_global_as_hf(reader, mapping: TensorMapping) -> tuple[str, torch.Tensor]:
+    """The embedding, final norm or output layer of a megatron checkpoint as its HF
+    name and tensor (vocabulary padding dropped)."""
+    (key,) = hf_keys(mapping)
+    return key, mapping.hf_from_global(reader.arch, reader.load_global(mapping))[0]
+
+
+def mcore_layer_as_hf(reader, layer: int) -> dict[str, torch.Tensor]:
+    """Decoder layer `layer` of a megatron checkpoint as HF tensors (QKV and fc1 split)."""
+    return {
+        key: tensor
+        for mapping, fused in reader.load_layer(layer).items()
+        for key, tensor in zip(
+            hf_keys(mapping, layer), mapping.hf_from_global(reader.arch, fused), strict=True
+        )
+    }
+
+
+def _hf_plan(arch: LlamaArch, dtype: torch.dtype) -> list[TensorSpec]:
     shapes = hf_shapes(arch)
     order = list(hf_keys(EMBEDDING))
     for layer in range(arch.num_layers):
         order += [k for m in LAYER_MAPPINGS for k in hf_keys(m, layer)]
     order += [*hf_keys(FINAL_NORM), *hf_keys(OUTPUT_LAYER)]
-    return [PlannedTensor(k, shapes[k], dtype) for k in order]
+    return [TensorSpec(k, shapes[k], dtype) for k in order]
 
 
 def mcore_to_hf(
@@ -242,21 +252,17 @@ def mcore_to_hf(
         with tqdm(
             total=arch.num_layers + 2, desc="mcore -> hf", unit="layer", disable=not progress
         ) as bar:
-            (key,) = hf_keys(EMBEDDING)
-            yield key, EMBEDDING.hf_from_global(arch, reader.load_global(EMBEDDING))[0]
+            yield mcore_global_as_hf(reader, EMBEDDING)
             bar.update()
             for layer in range(arch.num_layers):
-                for mapping, tensor in reader.load_layer(layer).items():
-                    yield from zip(
-                        hf_keys(mapping, layer), mapping.hf_from_global(arch, tensor), strict=True
-                    )
+                yield from mcore_layer_as_hf(reader, layer).items()
                 bar.update()
-            for mapping in (FINAL_NORM, OUTPUT_LAYER):
-                (key,) = hf_keys(mapping)
-                yield key, mapping.hf_from_global(arch, reader.load_global(mapping))[0]
+            yield mcore_global_as_hf(reader, FINAL_NORM)
+            yield mcore_global_as_hf(reader, OUTPUT_LAYER)
             bar.update()
 
+    cast = ((key, tensor.to(out_dtype)) for key, tensor in tensors())
     with atomic_output_dir(out) as tmp:
-        write_safetensors_streaming(tmp, _hf_plan(arch, out_dtype), tensors(), max_shard_size)
+        write_safetensors_streaming(tmp, _hf_plan(arch, out_dtype), cast, max_shard_size)
         write_hf_metadata(tmp, arch, _dtype_name(out_dtype), template)
     return Path(out)

@@ -10,6 +10,7 @@ from megatron_kaja.merge.run import MergeInputError, plan_merge, run_merge
 from megatron_kaja.merge.sources import (
     MEGATRON_SOURCE_FORMAT,
     HFSafetensorsSource,
+    MegatronSource,
     TensorSource,
     open_tensor_source,
     register_source_format,
@@ -18,6 +19,7 @@ from megatron_kaja.merge.sources import (
 __all__ = [
     "MEGATRON_SOURCE_FORMAT",
     "HFSafetensorsSource",
+    "MegatronSource",
     "MergeConfig",
     "MergeInputError",
     "TensorSource",

@@ -15,6 +15,7 @@ models:
 parameters: {normalize: true}
 out_dtype: bfloat16
 seed: 0
+hf_template: /models/llm-jp-3-13b-instruct  # only for Megatron inputs without megatron_kaja.json
 ```
 Parameter resolution follows mergekit: a model's own setting, then the global one, then
 the method's default; layer `i` of `L` sees a gradient at `t = i / (L - 1)`, tensors
@@ -72,6 +73,9 @@ class MergeConfig(BaseModel):
     seed: int = 0
     # Which model's tokenizer is copied; the default is the base model, else the first.
     tokenizer_source: str | None = None
+    # An HF folder whose config.json describes Megatron inputs that have no
+    # megatron_kaja.json (made by Megatron-LM); its tokenizer becomes theirs.
+    hf_template: str | None = None
 
     @model_validator(mode="after")
     def _check_against_method(self) -> MergeConfig:
@@ -171,6 +175,7 @@ def merge_config_from_flags(
     lambda_: float | None = None,
     seed: int = 0,
     out_dtype: str | None = None,
+    hf_template: str | None = None,
 ) -> MergeConfig:
     """The `MergeConfig` that command-line flags describe (one weight per `--models` entry)."""
     if weights is not None and len(weights) != len(models):
@@ -191,6 +196,7 @@ def merge_config_from_flags(
         "parameters": {k: v for k, v in shared.items() if v is not None},
         "seed": seed,
         "out_dtype": out_dtype,
+        "hf_template": hf_template,
     }
     try:
         return MergeConfig.model_validate(raw)

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megatron_kaja.checkpoint.hf import TOKENIZER_FILES
+from megatron_kaja.checkpoint.safetensors_io import ShardedSafetensorsWriter, TensorSpec
 from megatron_kaja.merge.config import MergeConfig
 from megatron_kaja.merge.methods import MergeInputs, MergeMethod, get_merge_method
 from megatron_kaja.merge.parameters import layer_index, layer_position, resolve_parameter
-from megatron_kaja.merge.sources import TOKENIZER_FILES, TensorSource, open_tensor_source
-from megatron_kaja.merge.writer import ShardedSafetensorsWriter, TensorSpec, parse_size
+from megatron_kaja.merge.sources import TensorSource, open_tensor_source
 
 # config.json fields that fix the shape of the network: inputs must agree on all of them.
 ARCHITECTURE_FIELDS = (
@@ -76,16 +77,34 @@ def _where(source: TensorSource, key: str) -> str:
     return str(file_of(key)) if file_of else source.name
 
 
+def _architecture_value(config: dict, field: str):
+    """`field` of an HF config, or what LlamaConfig takes when it is absent: configs saved
+    by older transformers (llm-jp-3's releases) have no head_dim, while the configs that
+    Megatron inputs derive from their arguments spell everything out."""
+    value = config.get(field)
+    heads = config.get("num_attention_heads")
+    if value is None and field == "head_dim" and heads:
+        return config.get("hidden_size", 0) // heads
+    if value is None and field == "num_key_value_heads":
+        return heads
+    return value
+
+
+def _config_file(path: str) -> str:
+    config = Path(path) / "config.json"
+    return str(config) if config.is_file() else f"{path} (Megatron checkpoint)"
+
+
 def _check_architectures(sources: dict[str, TensorSource], reference: str) -> None:
     ref_config = sources[reference].hf_config()
     for path, source in sources.items():
         config = source.hf_config()
         for field in ARCHITECTURE_FIELDS:
-            if config.get(field) != ref_config.get(field):
+            value, ref_value = (_architecture_value(c, field) for c in (config, ref_config))
+            if value != ref_value:
                 raise MergeInputError(
-                    f"architecture mismatch: {path}/config.json has {field}="
-                    f"{config.get(field)!r}, {reference}/config.json has "
-                    f"{ref_config.get(field)!r}"
+                    f"architecture mismatch: {_config_file(path)} has {field}={value!r}, "
+                    f"{_config_file(reference)} has {ref_value!r}"
                 )
 
 
@@ -177,8 +196,8 @@ def plan_merge(config: MergeConfig, out_dir: str | Path) -> MergePlan:
         if Path(path).resolve() == out_dir.resolve():
             raise MergeInputError(f"{out_dir}: the output cannot be one of the inputs")
     try:
-        sources = {path: open_tensor_source(path) for path in paths}
-    except (FileNotFoundError, KeyError, NotImplementedError) as exc:
+        sources = {path: open_tensor_source(path, config.hf_template) for path in paths}
+    except (FileNotFoundError, KeyError, ValueError) as exc:  # CheckpointError is a ValueError
         raise MergeInputError(str(exc).strip("'\"")) from exc
     reference = config.base_model or paths[0]
     _check_architectures(sources, reference)
@@ -264,9 +283,7 @@ def run_merge(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        writer = ShardedSafetensorsWriter(
-            tmp, [t.spec for t in plan.tasks], parse_size(max_shard_size)
-        )
+        writer = ShardedSafetensorsWriter(tmp, [t.spec for t in plan.tasks], max_shard_size)
         bar = tqdm(plan.tasks, desc=f"merge ({config.merge_method})", disable=not progress)
         for task in bar:
             writer.write(task.spec.name, merge_tensor(plan, task))

@@ -2,9 +2,10 @@
 
 The merger never holds a whole model. It asks each source for one tensor at a time, by
 its Hugging Face name (`model.layers.3.self_attn.q_proj.weight`), so every source speaks
-HF names whatever its files look like. A source for another format (the Megatron
-checkpoint reader from `megatron_kaja.checkpoint`) plugs in through
-`register_source_format`; see `MEGATRON_SOURCE_FORMAT` below.
+HF names whatever its files look like. Two formats are registered: HF safetensors
+folders and Megatron checkpoints (torch_dist or legacy, any TP/PP, read through the
+converter's readers without writing HF first); others plug in through
+`register_source_format`.
 """
 
 from __future__ import annotations
@@ -16,29 +17,20 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-# Files that make up an HF tokenizer; whichever exist are compared and copied.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
+from megatron_kaja.checkpoint.convert import (
+    mcore_global_as_hf,
+    mcore_layer_as_hf,
+    open_mcore_checkpoint,
 )
-
-# A file's name to the dtype torch reads it as (safetensors' header spelling).
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from megatron_kaja.checkpoint.hf import TOKENIZER_FILES, hf_config_dict
+from megatron_kaja.checkpoint.safetensors_io import SafetensorsFolder
+from megatron_kaja.models.llama.state_dict import (
+    GLOBAL_MAPPINGS,
+    LAYER_MAPPINGS,
+    all_hf_keys,
+    hf_keys,
+    hf_shapes,
+)
 
 
 @runtime_checkable
@@ -65,73 +57,16 @@ class TensorSource(Protocol):
     def tokenizer_dir(self) -> Path | None: ...
 
 
-class HFSafetensorsSource:
+class HFSafetensorsSource(SafetensorsFolder):
     """An HF checkpoint folder: `model.safetensors` or shards + `model.safetensors.index.json`.
 
-    Only the headers are read up front. `get` reads one tensor's bytes with a plain file
-    read into a fresh tensor rather than through a memory map (`safe_open`): pages of a
-    mapped file that were touched stay in the process's resident set until unmapped, so
-    streaming a whole checkpoint through a map shows up as RSS the size of the inputs.
+    Only the headers are read up front; `get` reads one tensor with plain file reads
+    (see `megatron_kaja.checkpoint.safetensors_io` for why not a memory map).
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        super().__init__(path)
         self.name = str(path)
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.path / "model.safetensors").is_file():
-            weight_map = None
-        else:
-            raise FileNotFoundError(
-                f"{self.path}: no model.safetensors or model.safetensors.index.json"
-            )
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._headers: dict[str, dict] = {}
-        self._data_start: dict[str, int] = {}
-        file_of: dict[str, str] = {}
-        for file in files:
-            if not (self.path / file).is_file():
-                raise FileNotFoundError(f"{self.path / file}: shard named in the index is missing")
-            header, self._data_start[file] = _read_safetensors_header(self.path / file)
-            self._headers.update(header)
-            file_of.update(dict.fromkeys(header, file))
-        if weight_map is not None:
-            for key, file in weight_map.items():
-                if file_of.get(key) != file:
-                    raise KeyError(f"{self.path / file}: lacks tensor {key} named in the index")
-            file_of = {key: file_of[key] for key in weight_map}
-        self._file_of = file_of
-
-    def file_of(self, key: str) -> Path:
-        """The shard file that holds `key` (for error messages)."""
-        return self.path / self._file_of[key]
-
-    def keys(self) -> list[str]:
-        return list(self._file_of)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._headers[key]["shape"])
-
-    def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._headers[key]["dtype"]]
-
-    def get(self, key: str) -> torch.Tensor:
-        file = self._file_of[key]
-        begin, end = self._headers[key]["data_offsets"]
-        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
-        if end == begin:
-            return tensor
-        view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-        with open(self.path / file, "rb", buffering=0) as f:
-            f.seek(self._data_start[file] + begin)
-            done = 0
-            while done < end - begin:  # one read() returns at most ~2 GiB on Linux
-                n = f.readinto(view[done:])
-                if not n:
-                    raise OSError(f"{self.path / file}: truncated while reading {key}")
-                done += n
-        return tensor
 
     def hf_config(self) -> dict:
         config = self.path / "config.json"
@@ -143,29 +78,88 @@ class HFSafetensorsSource:
         return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES) else None
 
 
-def _read_safetensors_header(file: Path) -> tuple[dict, int]:
-    """The tensor entries of a safetensors header and where the data starts."""
-    with open(file, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
+class MegatronSource:
+    """A Megatron checkpoint (torch_dist or legacy, any TP/PP) read as HF tensors.
+
+    Goes through the converter's readers (`open_mcore_checkpoint`) and its key map. A
+    decoder layer is stored fused (QKV in one tensor, gate and up in fc1, TP slices
+    apart in legacy files), so `get` loads a whole layer, splits it into its HF tensors
+    and keeps those until each is asked for or another layer is: a merge that asks layer
+    by layer (any HF-ordered reference does) loads each layer once and holds at most one.
+
+    The architecture comes from the checkpoint's `megatron_kaja.json`, else from
+    `hf_template`'s config.json (checkpoints made by Megatron-LM); the template's
+    tokenizer, if it has one, is the checkpoint's.
+    """
+
+    def __init__(self, path: str | Path, hf_template: Path | None = None):
+        self.path = Path(path)
+        self.name = str(path)
+        self.template = Path(hf_template) if hf_template is not None else None
+        self.reader = open_mcore_checkpoint(self.path, self.template)
+        self.arch = self.reader.arch
+        self._shapes = hf_shapes(self.arch)
+        self._dtype = self.reader.stored_dtype()
+        self._global_of = {hf_keys(m)[0]: m for m in GLOBAL_MAPPINGS}
+        self._layer_of = {
+            key: layer
+            for layer in range(self.arch.num_layers)
+            for mapping in LAYER_MAPPINGS
+            for key in hf_keys(mapping, layer)
+        }
+        self._layer: int | None = None
+        self._layer_tensors: dict[str, torch.Tensor] = {}
+
+    def keys(self) -> list[str]:
+        return all_hf_keys(self.arch)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        # Cloned: merges work in place on what they get, and these are views into the
+        # reader's tensors (for legacy checkpoints, into its memory-mapped rank files).
+        if key in self._global_of:
+            return mcore_global_as_hf(self.reader, self._global_of[key])[1].clone()
+        layer = self._layer_of[key]
+        if layer != self._layer or key not in self._layer_tensors:
+            self._layer_tensors = {}  # let the previous layer go before loading the next
+            self._layer_tensors = mcore_layer_as_hf(self.reader, layer)
+            self._layer = layer
+        return self._layer_tensors.pop(key).clone()
+
+    def hf_config(self) -> dict:
+        dtype = str(self._dtype).removeprefix("torch.")
+        return hf_config_dict(self.arch, dtype, self.template)
+
+    def tokenizer_dir(self) -> Path | None:
+        template = self.template
+        if template is not None and any((template / f).is_file() for f in TOKENIZER_FILES):
+            return template
+        return None
 
 
-# name -> (detect(path) -> bool, open(path) -> TensorSource), tried in insertion order.
-_SOURCE_FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], TensorSource]]] = {}
+# name -> (detect(path) -> bool, open(path, hf_template) -> TensorSource), tried in order.
+_SOURCE_FORMATS: dict[
+    str, tuple[Callable[[Path], bool], Callable[[Path, Path | None], TensorSource]]
+] = {}
 
-# The name under which the Megatron checkpoint reader registers itself. It is pending:
-# `megatron_kaja.checkpoint` (the converter) provides the reader; until it calls
-# `register_source_format(MEGATRON_SOURCE_FORMAT, ...)`, Megatron folders are refused
-# with a message saying so.
 MEGATRON_SOURCE_FORMAT = "megatron"
 
 
 def register_source_format(
-    name: str, detect: Callable[[Path], bool], open_source: Callable[[Path], TensorSource]
+    name: str,
+    detect: Callable[[Path], bool],
+    open_source: Callable[[Path, Path | None], TensorSource],
 ) -> None:
-    """Teach `open_tensor_source` a checkpoint format. Later registrations are tried last."""
+    """Teach `open_tensor_source` a checkpoint format. Later registrations are tried last.
+
+    `open_source(path, hf_template)` gets the merge's `hf_template` (an HF folder that
+    describes checkpoints carrying no architecture of their own, or None).
+    """
     if name in _SOURCE_FORMATS:
         raise ValueError(f"source format {name!r} is already registered")
     _SOURCE_FORMATS[name] = (detect, open_source)
@@ -177,33 +171,38 @@ def _is_hf_safetensors(path: Path) -> bool:
     ).is_file()
 
 
-def _looks_like_megatron(path: Path) -> bool:
-    # torch_dist checkpoints have metadata.json + .distcp; legacy ones iter_*/mp_rank_*.
+def _is_megatron_checkpoint(path: Path) -> bool:
+    # torch_dist: metadata.json + .metadata (+ .distcp); legacy: iter_*/mp_rank_* and the
+    # tracker file. Detected loosely on purpose: a damaged checkpoint then gets the
+    # reader's message naming what is missing, not "not a model folder".
     return (
         (path / "latest_checkpointed_iteration.txt").is_file()
-        or ((path / "metadata.json").is_file() and any(path.glob("*.distcp")))
+        or (path / "metadata.json").is_file()
+        or any(path.glob("*.distcp"))
         or any(path.glob("iter_*"))
     )
 
 
-register_source_format("hf-safetensors", _is_hf_safetensors, HFSafetensorsSource)
+register_source_format(
+    "hf-safetensors", _is_hf_safetensors, lambda path, hf_template: HFSafetensorsSource(path)
+)
+register_source_format(MEGATRON_SOURCE_FORMAT, _is_megatron_checkpoint, MegatronSource)
 
 
-def open_tensor_source(path: str | Path) -> TensorSource:
-    """Open a model folder with the first registered format that recognises it."""
+def open_tensor_source(path: str | Path, hf_template: str | Path | None = None) -> TensorSource:
+    """Open a model folder with the first registered format that recognises it.
+
+    `hf_template` describes Megatron checkpoints without `megatron_kaja.json`.
+    """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: model folder does not exist")
+    template = Path(hf_template) if hf_template is not None else None
     for detect, open_source in _SOURCE_FORMATS.values():
         if detect(path):
-            return open_source(path)
-    if _looks_like_megatron(path):
-        raise NotImplementedError(
-            f"{path}: looks like a Megatron checkpoint, but no reader is registered as "
-            f"'{MEGATRON_SOURCE_FORMAT}' yet; convert it to HF first with "
-            "tools/convert_checkpoint.py"
-        )
+            return open_source(path, template)
     raise FileNotFoundError(
-        f"{path}: not a model folder this tool can read (expected model.safetensors or "
-        "model.safetensors.index.json; .bin checkpoints are not supported)"
+        f"{path}: not a model folder this tool can read (expected model.safetensors, "
+        "model.safetensors.index.json or a Megatron checkpoint; .bin checkpoints are not "
+        "supported)"
     )

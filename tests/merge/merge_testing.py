@@ -1,13 +1,27 @@
-"""Helpers for the merge tests: read all tensors of a folder, write altered copies."""
+"""Helpers for the merge tests: read all tensors of a folder, write altered copies, load
+the command-line tool."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from megatron_kaja.merge.evaluation import REPO_ROOT
+
+
+def load_merge_cli():
+    """`tools/merge_models.py` as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "merge_models_cli", REPO_ROOT / "tools" / "merge_models.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -87,14 +87,6 @@ def test_missing_model_folder(tmp_path, merge_models):
         run_merge(ties_config(merge_models["base"], tmp_path / "nowhere"), tmp_path / "out")
 
 
-def test_megatron_checkpoint_is_refused_until_its_reader_is_registered(tmp_path, merge_models):
-    mcore = tmp_path / "mcore"
-    (mcore / "iter_0000010").mkdir(parents=True)
-    (mcore / "latest_checkpointed_iteration.txt").write_text("10")
-    with pytest.raises(MergeInputError, match=r"Megatron checkpoint.*'megatron'"):
-        run_merge(ties_config(merge_models["base"], mcore), tmp_path / "out", progress=False)
-
-
 def test_non_empty_output_is_refused(tmp_path, merge_models):
     out = tmp_path / "out"
     out.mkdir()

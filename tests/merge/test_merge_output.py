@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 import yaml
-from merge_testing import load_tensors
+from merge_testing import load_merge_cli, load_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron_kaja.checkpoint.safetensors_io import (
+    SAFETENSORS_INDEX,
+    ShardedSafetensorsWriter,
+    TensorSpec,
+)
 from megatron_kaja.merge import MergeConfig, open_tensor_source, run_merge
-from megatron_kaja.merge.evaluation import REPO_ROOT, check_evaluate_tool, evaluate_merged
-from megatron_kaja.merge.writer import INDEX_FILE, ShardedSafetensorsWriter, TensorSpec
+from megatron_kaja.merge.evaluation import check_evaluate_tool, evaluate_merged
 
-
-def _load_cli():
-    spec = importlib.util.spec_from_file_location(
-        "merge_models_cli", REPO_ROOT / "tools" / "merge_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-merge_cli = _load_cli()
+merge_cli = load_merge_cli()
 
 
 def test_output_loads_in_transformers_and_matches_the_merge(tmp_path, merge_models):
@@ -43,7 +36,7 @@ def test_output_loads_in_transformers_and_matches_the_merge(tmp_path, merge_mode
         max_shard_size="100KB",
         progress=False,
     )
-    index = json.loads((out / INDEX_FILE).read_text())
+    index = json.loads((out / SAFETENSORS_INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 1, "expected several shards"
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
@@ -69,7 +62,7 @@ def test_writer_round_trip_through_safetensors(tmp_path):
         "z": torch.arange(6, dtype=torch.float16).view(2, 3),
     }
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
-    writer = ShardedSafetensorsWriter(tmp_path, specs, max_shard_bytes=40)
+    writer = ShardedSafetensorsWriter(tmp_path, specs, max_shard_size=40)
     for name, tensor in tensors.items():
         writer.write(name, tensor)
     writer.close()
