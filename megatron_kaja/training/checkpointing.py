@@ -172,6 +172,26 @@ def _materialize_optimizer_state(optimizer) -> None:
             init()
 
 
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own, correct torch-Adam `step` after a load.
+
+    megatron-core 0.16.1's distributed optimizer, without apex / transformer-engine, keeps
+    the step count in its param groups but leaves torch Adam's per-parameter `step` tensors
+    as they were before the load (here: the placeholder step), or one tensor shared by all
+    parameters, which torch increments once per parameter. Either way the bias correction of
+    a resumed run is wrong; setting one counter per parameter from its group fixes both.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        for group in getattr(torch_optimizer, "param_groups", []):
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = torch_optimizer.state.get(param)
+                if state is not None and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
+
+
 def load_checkpoint(root: Path, stack) -> dict:
     """Restore model, optimizer, schedule and RNG from the newest checkpoint under `root`.
 
@@ -202,6 +222,7 @@ def load_checkpoint(root: Path, stack) -> dict:
     stack.optimizer.reload_model_params()
     with torch.no_grad():  # the distributed optimizer copies into its fp32 main params in place
         stack.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(stack.optimizer)
     stack.scheduler.load_state_dict(loaded["scheduler"])
     if same_world:
         _set_rng_state(loaded["rng_state"])

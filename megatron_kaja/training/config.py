@@ -87,6 +87,13 @@ class SFTConfig(BaseModel):
             raise ValueError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
+        if self.bf16 and self.save is not None and not self.use_distributed_optimizer:
+            # megatron-core 0.16.1's non-distributed bf16 optimizer fails to map its state
+            # onto the model's sharded tensors when saving a dist checkpoint.
+            raise ValueError(
+                "--bf16 with --save needs --use-distributed-optimizer (the non-distributed "
+                "bf16 optimizer of megatron-core 0.16.1 cannot save a dist checkpoint)"
+            )
         if self.eval_interval is not None and not self.valid_data:
             raise ValueError("--eval-interval needs --valid-data")
         if self.recompute_activations and self.recompute_granularity is None:

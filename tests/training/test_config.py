@@ -39,6 +39,7 @@ def test_yaml_recipe_and_flags_win(tmp_path):
         (["--save-interval", "10"], "--save-interval needs --save"),
         (["--lr-decay-style", "wavy"], "--lr-decay-style"),
         (["--micro-batch-size", "0"], "--micro-batch-size"),
+        (["--bf16", "--save", "out"], "needs --use-distributed-optimizer"),
     ],
 )
 def test_inconsistent_settings_fail_naming_the_flag(argv, message):

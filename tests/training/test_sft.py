@@ -84,10 +84,17 @@ def runs(sft_setup, tiny_hf_dir, tmp_path_factory):
         [*a("resumed", "--save", str(out / "resumed"))[2:], "--load", str(out / "resumed")],
     ]
     run_torchrun(REPO / "tests/training/sft_worker.py", 1, json.dumps(single))
+    dopt = ("--use-distributed-optimizer",)
     double = [
         a("tp2", "--tensor-model-parallel-size", "2"),
-        a("dp2"),
+        a("dp2", *dopt, "--save", str(out / "dp2")),
         a("pp2", "--pipeline-model-parallel-size", "2"),
+        a("dp2_part1", *dopt, "--save", str(out / "dp2_resumed"), "--exit-interval", "4"),
+        [
+            *a("dp2_resumed", *dopt, "--save", str(out / "dp2_resumed"))[2:],
+            "--load",
+            str(out / "dp2_resumed"),
+        ],
     ]
     run_torchrun(REPO / "tests/training/sft_worker.py", 2, json.dumps(double))
     return out
@@ -109,13 +116,20 @@ def test_parallel_layouts_match_single_process(runs, name):
 
 
 @pytest.mark.slow
-def test_resume_is_exact(runs):
-    part1 = _metrics(runs / "part1" / "metrics.jsonl")
-    resumed = _metrics(runs / "resumed" / "metrics.jsonl")
+@pytest.mark.parametrize(
+    ("uninterrupted", "prefix"),
+    [("tp1", ""), ("dp2", "dp2_")],  # megatron optimizer; distributed optimizer at DP=2
+)
+def test_resume_is_exact(runs, uninterrupted, prefix):
+    part1 = _metrics(runs / f"{prefix}part1" / "metrics.jsonl")
+    resumed = _metrics(runs / f"{prefix}resumed" / "metrics.jsonl")
     assert [m["step"] for m in part1] == [1, 2, 3, 4]
     assert [m["step"] for m in resumed] == [5, 6, 7, 8]
-    assert [m["loss"] for m in part1 + resumed] == _losses(runs, "tp1")
-    uninterrupted, after_resume = _final_weights(runs / "tp1"), _final_weights(runs / "resumed")
+    assert [m["loss"] for m in part1 + resumed] == _losses(runs, uninterrupted)
+    uninterrupted, after_resume = (
+        _final_weights(runs / uninterrupted),
+        _final_weights(runs / f"{prefix}resumed"),
+    )
     for key, tensor in uninterrupted.items():
         assert torch.equal(tensor, after_resume[key]), key
 
