@@ -196,12 +196,14 @@ def _nucleus_threshold(probs: torch.Tensor, top_p: float, group, world: int) -> 
             parts = [torch.empty_like(local_top) for _ in range(world)]
             dist.all_gather(parts, local_top.contiguous(), group=group)
             local_top = torch.cat(parts, dim=-1)
-        merged = local_top.sort(dim=-1, descending=True).values[:, :m]  # exact global top-m
-        mass = merged.cumsum(dim=-1)
-        reached = mass >= top_p
+        merged = local_top.sort(dim=-1, descending=True).values
+        if m < width:
+            merged = merged[:, :m]  # the exact global top-m (beyond it ranks may miss some)
+        reached = merged.cumsum(dim=-1) >= top_p
         if bool(reached.any(dim=-1).all()) or m == width:
-            # Nucleus size K = first position where the mass reaches p (all m if never).
-            k = torch.where(reached.any(dim=-1), reached.float().argmax(dim=-1), m - 1)
+            # Nucleus size K = first position where the mass reaches p (everything if never).
+            last = torch.full_like(reached[:, 0], merged.size(-1) - 1, dtype=torch.long)
+            k = torch.where(reached.any(dim=-1), reached.float().argmax(dim=-1), last)
             return merged.gather(-1, k.unsqueeze(-1)).squeeze(-1)
         m = min(2 * m, width)
 
