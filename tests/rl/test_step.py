@@ -118,7 +118,7 @@ def test_beta_zero_needs_no_reference_and_missing_rewards_are_counted(setup):
 
 def test_reward_rises_on_a_rule_reward(setup):
     """30 steps of 4 prompts x 8 samples: the last 5 steps' mean reward beats the first 5
-    steps' by at least 0.3 (measured: about 0.15 -> 0.8)."""
+    steps' by at least 0.3 (measured: 0.16 -> 0.93)."""
     model, ref, prompts, kwargs = setup
     config = GRPOConfig(max_new_tokens=3, global_batch_size=32, micro_batch_size=32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
