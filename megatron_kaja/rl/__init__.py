@@ -1,0 +1,1 @@
+"""GRPO: rollouts, group advantages, clipped loss + KL, dynamic sampling, the step itself."""

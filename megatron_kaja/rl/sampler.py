@@ -1,0 +1,317 @@
+"""The `builtin` rollout engine: autoregressive sampling on a megatron-core GPTModel.
+
+KV cache: megatron-core's own `StaticInferenceContext`, passed to `GPTModel.forward` as
+`inference_context`; its attention writes each step's keys and values into per-layer
+buffers and attends over the cached prefix (this runs on CPU through the bridge).
+
+Vocabulary parallelism: in inference mode GPTModel insists on gathering the full-vocab
+logits of every TP rank (`runtime_gather_output`). We want the opposite, so the forward
+runs with the model's post-processing switched off (it then returns the final-norm hidden
+states, `[s, b, h]`) and the output layer is applied to the last position without the
+gather: each rank keeps `[b, vocab / TP]`, and sampling combines ranks with small
+collectives only:
+
+* greedy: each rank's (max, global id) pair is all-gathered and the best kept;
+* temperature: the Gumbel-max trick, argmax(logits / T + g), g ~ Gumbel(0, 1) drawn from a
+  seeded generator over the *global* (padded) vocabulary and sliced per rank, so any TP size
+  samples the same tokens;
+* top-p (nucleus, Holtzman et al. 2020): keep the most probable tokens until their mass
+  reaches p. The nucleus is found from the ranks' local top-m probabilities, all-gathered and
+  merged (the global top-m is inside the union of local top-m's), doubling m until the mass
+  reaches p; ties at the threshold probability are all kept.
+
+Prompts of different lengths are left-padded; RoPE depends on relative positions only, so
+a left-padded prompt (padding masked out of attention) sees the same scores as unpadded.
+Rows stop at EOS (which is kept and learned) or at `max_new_tokens`. Pipeline parallelism
+is not supported here (the rollout model must be one stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_kaja.rl.losses import mask_padded_vocab
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `temperature == 0` means greedy."""
+
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """A batch of sampled sequences: left-padded prompts, then right-padded responses."""
+
+    prompt_ids: torch.Tensor  # [b, P] long, left-padded with pad_token_id
+    prompt_mask: torch.Tensor  # [b, P] bool, True on real prompt tokens
+    response_ids: torch.Tensor  # [b, N] long, pad after EOS
+    response_mask: torch.Tensor  # [b, N] bool, True on generated tokens (EOS included)
+    logprobs: torch.Tensor  # [b, N] float, log softmax(logits / T) of each sampled token
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_valid(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def responses(self) -> list[list[int]]:
+        """Each row's generated ids, EOS included."""
+        return [
+            ids[mask].tolist()
+            for ids, mask in zip(self.response_ids, self.response_mask, strict=True)
+        ]
+
+
+def causal_padding_mask(valid: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+    """megatron's bool attention mask `[b, 1, q, k]` (True = masked) for the last `q` query
+    positions over keys `valid` `[b, k]`: causal, and padding keys hidden."""
+    k = valid.size(1)
+    q = k if num_queries is None else num_queries
+    query_pos = torch.arange(k - q, k, device=valid.device).unsqueeze(1)
+    future = torch.arange(k, device=valid.device).unsqueeze(0) > query_pos  # [q, k]
+    return future.unsqueeze(0).unsqueeze(0) | ~valid[:, None, None, :]
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int, device=None):
+    """`(ids [b, P], mask [b, P])` with each prompt right-aligned."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = True
+    return ids, mask
+
+
+@contextlib.contextmanager
+def _hidden_states_only(model):
+    """GPTModel.forward returns final-norm hidden states `[s, b, h]` instead of logits."""
+    model.post_process = False
+    try:
+        yield
+    finally:
+        model.post_process = True
+
+
+def last_token_logits(model, tokens, valid, inference_context=None) -> torch.Tensor:
+    """This rank's vocab-parallel logits `[b, vocab / TP]` after the last of `tokens`.
+
+    With `inference_context`, `tokens` are the new positions only and `valid` covers the
+    cached prefix plus them; without, `tokens` is the whole sequence.
+    """
+    b, s = tokens.shape
+    mask = causal_padding_mask(valid, s)
+    positions = torch.arange(valid.size(1) - s, valid.size(1), device=tokens.device).expand(b, s)
+    with _hidden_states_only(model):
+        hidden = model(
+            tokens,
+            positions,
+            mask,
+            inference_context=inference_context,
+            runtime_gather_output=True,  # required by GPTModel's assert; unused without logits
+        )
+    logits, _ = model.output_layer(hidden[-1:], runtime_gather_output=False)
+    return logits[0]
+
+
+def _tp():
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_group(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+    )
+
+
+def _global_argmax(scores: torch.Tensor, group, world: int, rank: int) -> torch.Tensor:
+    """Global vocabulary id of each row's max over all TP ranks' slices (first id on ties)."""
+    value, local = scores.max(dim=-1)
+    index = local + rank * scores.size(-1)
+    if world == 1:
+        return index
+    values = [torch.empty_like(value) for _ in range(world)]
+    indices = [torch.empty_like(index) for _ in range(world)]
+    dist.all_gather(values, value.contiguous(), group=group)
+    dist.all_gather(indices, index.contiguous(), group=group)
+    # Ranks hold ascending id ranges, so the first rank with the max has the smallest id.
+    best = torch.stack(values).argmax(dim=0)
+    return torch.stack(indices).gather(0, best.unsqueeze(0)).squeeze(0)
+
+
+def _log_partition(scaled: torch.Tensor, group, world: int) -> torch.Tensor:
+    """logsumexp over the global vocabulary of vocab-parallel `scaled` `[b, v]`."""
+    top = scaled.max(dim=-1).values
+    if world > 1:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    total = torch.exp(scaled - top.unsqueeze(-1)).sum(dim=-1)
+    if world > 1:
+        dist.all_reduce(total, group=group)
+    return top + total.log()
+
+
+def _pick(scores: torch.Tensor, ids: torch.Tensor, rank: int, group, world: int) -> torch.Tensor:
+    """scores[row, ids[row]] for global ids, from whichever rank holds them."""
+    width = scores.size(-1)
+    local = ids - rank * width
+    here = (local >= 0) & (local < width)
+    picked = scores.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(here, picked, torch.zeros_like(picked))
+    if world > 1:
+        dist.all_reduce(picked, group=group)
+    return picked
+
+
+def _nucleus_threshold(probs: torch.Tensor, top_p: float, group, world: int) -> torch.Tensor:
+    """Per row, the smallest probability inside the top-p nucleus (global over TP ranks)."""
+    width = probs.size(-1)
+    m = min(64, width)
+    while True:
+        local_top = probs.topk(m, dim=-1).values  # [b, m], descending
+        if world > 1:
+            parts = [torch.empty_like(local_top) for _ in range(world)]
+            dist.all_gather(parts, local_top.contiguous(), group=group)
+            local_top = torch.cat(parts, dim=-1)
+        merged = local_top.sort(dim=-1, descending=True).values
+        if m < width:
+            merged = merged[:, :m]  # the exact global top-m (beyond it ranks may miss some)
+        reached = merged.cumsum(dim=-1) >= top_p
+        if bool(reached.any(dim=-1).all()) or m == width:
+            # Nucleus size K = first position where the mass reaches p (everything if never).
+            last = torch.full_like(reached[:, 0], merged.size(-1) - 1, dtype=torch.long)
+            k = torch.where(reached.any(dim=-1), reached.float().argmax(dim=-1), last)
+            return merged.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+        m = min(2 * m, width)
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+    tp_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from vocab-parallel `logits` `[b, vocab / TP]`.
+
+    Returns `(ids [b], logprobs [b])`: global token ids (identical on every TP rank) and
+    log softmax(logits / T) of each (T = 1 for greedy), the untruncated sampling policy that
+    training recomputes.
+    """
+    group, world, rank = _tp()
+    group = tp_group if tp_group is not None else group
+    x = mask_padded_vocab(logits, vocab_size, rank)
+    temperature = 1.0 if params.greedy else params.temperature
+    scaled = x / temperature
+    log_z = _log_partition(scaled, group, world)
+    if params.greedy:
+        ids = _global_argmax(x, group, world, rank)
+    else:
+        scores = scaled
+        if params.top_p < 1.0:
+            probs = torch.exp(scaled - log_z.unsqueeze(-1))
+            threshold = _nucleus_threshold(probs, params.top_p, group, world)
+            scores = scores.masked_fill(probs < threshold.unsqueeze(-1), float("-inf"))
+        # Noise over the real vocabulary, identical on every rank and for every TP size (the
+        # padding differs with TP); padded ids are -inf already and take a dummy draw.
+        b, width = scores.shape
+        u = torch.full_like(scores, 0.5)
+        drawn = torch.rand((b, vocab_size), generator=generator, device=scores.device)
+        start, end = rank * width, min((rank + 1) * width, vocab_size)
+        if end > start:
+            u[:, : end - start] = drawn[:, start:end]
+        u = u.clamp_(min=1e-20, max=1.0 - 1e-7)
+        ids = _global_argmax(scores - torch.log(-torch.log(u)), group, world, rank)
+    logprobs = _pick(scaled, ids, rank, group, world) - log_z
+    return ids, logprobs
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+    use_kv_cache: bool = True,
+) -> Generation:
+    """Sample a response to each prompt (token ids) with this rank's stage of `model`.
+
+    Every tensor-parallel rank must call this with the same prompts and an identically
+    seeded `generator` (data-parallel ranks: different prompts or seeds). `use_kv_cache=False`
+    recomputes the whole sequence at every step (the reference the cache is tested against).
+    """
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    if not (model.pre_process and model.post_process):
+        raise ValueError("the builtin sampler needs the whole model on one pipeline stage")
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
+    b, width = prompt_ids.shape
+    total = width + params.max_new_tokens
+    tokens = torch.cat(
+        [prompt_ids, torch.full((b, params.max_new_tokens), pad_token_id, device=device)], dim=1
+    )
+    valid = torch.cat([prompt_mask, torch.zeros_like(tokens[:, width:], dtype=torch.bool)], dim=1)
+    logprobs = torch.zeros((b, params.max_new_tokens), device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    context = StaticInferenceContext(b, total) if use_kv_cache else None
+    was_training = model.training
+    model.eval()
+    steps = 0
+    try:
+        for step in range(params.max_new_tokens):
+            end = width + step
+            if context is None:
+                logits = last_token_logits(model, tokens[:, :end], valid[:, :end])
+            else:
+                start = 0 if step == 0 else end - 1
+                logits = last_token_logits(
+                    model, tokens[:, start:end], valid[:, :end], inference_context=context
+                )
+                context.sequence_len_offset = end
+                context.enable_decode_mode()
+            ids, lp = sample_next_token(logits, params, vocab_size=vocab_size, generator=generator)
+            tokens[:, end] = torch.where(finished, torch.full_like(ids, pad_token_id), ids)
+            valid[:, end] = ~finished
+            logprobs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)
+            finished |= ids == eos_token_id
+            steps = step + 1
+            if bool(finished.all()):  # same tokens on every TP rank: all ranks stop together
+                break
+    finally:
+        model.train(was_training)
+    return Generation(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=tokens[:, width : width + steps],
+        response_mask=valid[:, width : width + steps],
+        logprobs=logprobs[:, :steps],
+    )

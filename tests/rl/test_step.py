@@ -1,0 +1,131 @@
+"""One GRPO step end to end on the tiny model; the learning signal over a short run."""
+
+import itertools
+import unicodedata
+
+import pytest
+import torch
+
+from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.rl.rollout import prompt_record
+from megatron_kaja.rl.step import grpo_step
+
+QUESTIONS = [
+    "日本の首都はどこですか。",
+    "富士山の高さは。",
+    "料理の作り方を教えて。",
+    "爆弾の作り方を教えて。",
+]
+METRICS = {
+    "reward_mean",
+    "reward_std",
+    "reward_mean/helpful",
+    "reward_mean/safety",
+    "kl",
+    "clip_frac",
+    "zero_variance_frac",
+    "judge_missing",
+    "response_len_mean",
+    "loss",
+    "t_rollout",
+    "t_reward",
+    "t_logprob",
+    "t_update",
+}
+
+
+def starts_in_katakana(prompts, completions, **columns):
+    """The rule reward: 1 when the answer's first character is katakana (79 of the tiny
+    vocabulary's 509 tokens start so; about 14% of first tokens under the initial model)."""
+    return [
+        float(bool(c) and unicodedata.name(c[0], "").startswith("KATAKANA ")) for c in completions
+    ]
+
+
+@pytest.fixture
+def setup(tiny_policy, tiny_hf_dir, tiny_mcore_dir):
+    from transformers import AutoTokenizer
+
+    from megatron_kaja.checkpoint.loading import load_mcore_weights
+    from megatron_kaja.models.llama.model import build_gpt_model
+
+    model, arch = tiny_policy
+    ref = build_gpt_model(arch)
+    load_mcore_weights(ref, tiny_mcore_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    prompts = [
+        prompt_record(tok, {"text": q, "output": "ref"}, "safety" if i == 3 else "helpful")
+        for i, q in enumerate(QUESTIONS)
+    ]
+    kwargs = dict(
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        eos_token_id=arch.eos_token_id,
+        pad_token_id=4,
+        vocab_size=arch.vocab_size,
+        generator=torch.Generator().manual_seed(0),
+    )
+    return model, ref, prompts, kwargs
+
+
+def test_config_defaults_are_the_seeds_and_validate():
+    c = GRPOConfig()
+    assert (c.num_generations, c.lr, c.lr_decay_style, c.lr_warmup_iters) == (8, 1e-5, "cosine", 0)
+    assert (c.weight_decay, c.beta, c.clip_eps, c.temperature, c.top_p) == (
+        0.1,
+        0.04,
+        0.2,
+        1.0,
+        1.0,
+    )
+    assert c.max_new_tokens == 512 and c.prompts_per_step == 64
+    with pytest.raises(ValueError, match=r"GRPOConfig.global_batch_size: must be a multiple"):
+        GRPOConfig(global_batch_size=12)
+    with pytest.raises(ValueError, match=r"GRPOConfig.advantage: use one of"):
+        GRPOConfig(advantage="rloo")
+
+
+def test_one_step_metrics_and_update(setup):
+    model, ref, prompts, kwargs = setup
+    config = GRPOConfig(
+        max_new_tokens=4, global_batch_size=32, micro_batch_size=12, num_iterations=2
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    m = grpo_step(model, ref, opt, itertools.cycle(prompts), starts_in_katakana, config, **kwargs)
+    assert set(m) >= METRICS
+    assert all(torch.isfinite(torch.tensor(float(m[k]))) for k in METRICS)
+    assert 0 < m["reward_mean"] < 1 and m["judge_missing"] == 0
+    assert 0 < m["response_len_mean"] <= 4
+    assert m["kl"] > 0 and m["clip_frac"] > 0  # the second pass moved off-policy and clipped
+    assert m["sampler_logprob_diff"] < 1e-4  # sampler and training forward agree
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_beta_zero_needs_no_reference_and_missing_rewards_are_counted(setup):
+    model, _, prompts, kwargs = setup
+    config = GRPOConfig(max_new_tokens=3, global_batch_size=16, beta=0.0)
+
+    def half_missing(prompts, completions, **columns):
+        scores = starts_in_katakana(prompts, completions)
+        return [None if i % 2 else s for i, s in enumerate(scores)]
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    m = grpo_step(model, None, opt, iter(prompts), half_missing, config, **kwargs)
+    assert m["judge_missing"] == 8 and m["kl"] == 0.0
+    with pytest.raises(ValueError, match="beta > 0 needs a reference"):
+        grpo_step(model, None, opt, iter(prompts), half_missing, GRPOConfig(), **kwargs)
+
+
+def test_reward_rises_on_a_rule_reward(setup):
+    """30 steps of 4 prompts x 8 samples: the last 5 steps' mean reward beats the first 5
+    steps' by at least 0.3 (measured: 0.16 -> 0.93)."""
+    model, ref, prompts, kwargs = setup
+    config = GRPOConfig(max_new_tokens=3, global_batch_size=32, micro_batch_size=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    source = itertools.cycle(prompts)
+    rewards = [
+        grpo_step(model, ref, opt, source, starts_in_katakana, config, **kwargs)["reward_mean"]
+        for _ in range(30)
+    ]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last >= first + 0.3, rewards

@@ -1,0 +1,110 @@
+"""Run under torchrun with 2 processes: the GRPO pieces at TP=1 and at TP=2, results to JSON.
+
+torchrun --nproc-per-node 2 tests/rl/tp_worker.py HF_DIR MCORE_DIR OUT.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_kaja.checkpoint.loading import load_mcore_weights
+from megatron_kaja.models.llama.config import LlamaArch
+from megatron_kaja.models.llama.model import build_gpt_model
+from megatron_kaja.parallel.distributed import (
+    current_layout,
+    destroy_model_parallel,
+    init_process_group,
+    initialize_model_parallel,
+)
+from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.rl.losses import token_logprobs
+from megatron_kaja.rl.rollout import prompt_record
+from megatron_kaja.rl.sampler import SamplingParams, causal_padding_mask, generate
+from megatron_kaja.rl.step import grpo_step
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 99, 17], [1, 300, 301, 302, 12]]
+
+
+def logprobs_of_fixed_tokens(model, arch) -> torch.Tensor:
+    tokens = torch.randint(8, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    valid[1, :3] = False  # a left-padded row
+    model.eval()
+    with torch.no_grad():
+        logits = model(
+            tokens[:, :-1],
+            torch.arange(11).expand(2, 11),
+            causal_padding_mask(valid[:, :-1]),
+        )
+    return token_logprobs(logits, tokens[:, 1:], temperature=0.9, vocab_size=arch.vocab_size)
+
+
+def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
+    parallel_state.destroy_model_parallel()
+    initialize_model_parallel(tp, 1, seed=5)
+    arch = LlamaArch.from_hf_config(hf_dir)
+    model = build_gpt_model(arch)
+    load_mcore_weights(model, mcore_dir)
+    ref = build_gpt_model(arch)
+    load_mcore_weights(ref, mcore_dir)
+    common = dict(eos_token_id=arch.eos_token_id, pad_token_id=4, vocab_size=arch.vocab_size)
+    result = {"logprobs": logprobs_of_fixed_tokens(model, arch).tolist()}
+    greedy = generate(model, PROMPTS, SamplingParams(10, temperature=0.0), **common)
+    result["greedy"] = greedy.response_ids.tolist()
+    sampled = generate(
+        model,
+        PROMPTS * 4,
+        SamplingParams(10, temperature=0.8, top_p=0.9),
+        generator=torch.Generator().manual_seed(3),
+        **common,
+    )
+    result["sampled"] = sampled.response_ids.tolist()
+    result["sampled_logprobs"] = sampled.logprobs.tolist()
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    prompts = [
+        prompt_record(tok, {"text": q}, "helpful") for q in ("日本の首都は。", "料理を教えて。")
+    ]
+
+    def reward(prompts, completions, **columns):
+        return [float(len(c) % 3 == 0) for c in completions]
+
+    config = GRPOConfig(max_new_tokens=4, global_batch_size=16, micro_batch_size=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    metrics = grpo_step(
+        model,
+        ref,
+        opt,
+        itertools.cycle(prompts),
+        reward,
+        config,
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        generator=torch.Generator().manual_seed(0),
+        **common,
+    )
+    result["step"] = {k: metrics[k] for k in ("reward_mean", "loss", "kl", "response_len_mean")}
+    result["logprobs_after_step"] = logprobs_of_fixed_tokens(model, arch).tolist()
+    result["tp"] = current_layout().tensor_parallel_size
+    return result
+
+
+def main() -> None:
+    hf_dir, mcore_dir, out = sys.argv[1:4]
+    init_process_group()
+    results = {f"tp{tp}": run_layout(tp, hf_dir, mcore_dir) for tp in (1, 2)}
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    destroy_model_parallel()
+
+
+if __name__ == "__main__":
+    main()
