@@ -28,6 +28,7 @@ from megatron_kaja.judge import (
     LLMJudge,
     load_rubric,
 )
+from megatron_kaja.judge.backend import build_judge_backend
 from megatron_kaja.judge.cache import read_jsonl_tolerant
 
 
@@ -78,28 +79,15 @@ class EvalConfig:
 
 
 def _judge_backend(cfg: EvalConfig):
-    if cfg.judge_backend == "openai":
-        return build_backend(
-            "openai",
-            base_url=cfg.judge_base_url,
-            model=cfg.judge_model,
-            api_key=cfg.judge_api_key,
-            max_concurrency=cfg.judge_concurrency,
-            choice_param=cfg.choice_param,
-        )
-    if cfg.judge_backend == "vllm":
-        return build_backend(
-            "vllm", model=cfg.judge_model, quantization=_awq_or_none(cfg.judge_model)
-        )
-    return build_backend("hf", model=cfg.judge_model, batch_size=cfg.gen_batch_size)
-
-
-def _awq_or_none(model: str) -> str | None:
-    path = Path(model) / "config.json"
-    if path.is_file():
-        quant = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
-        return quant.get("quant_method")
-    return None
+    return build_judge_backend(
+        cfg.judge_backend,
+        cfg.judge_model,
+        base_url=cfg.judge_base_url,
+        api_key=cfg.judge_api_key,
+        concurrency=cfg.judge_concurrency,
+        choice_param=cfg.choice_param,
+        batch_size=cfg.gen_batch_size,
+    )
 
 
 def _append(path: Path, records: list[dict]) -> None:

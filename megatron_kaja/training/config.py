@@ -7,6 +7,7 @@ global batch 256, one epoch. Flags given on the command line win over the YAML f
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -124,32 +125,37 @@ class SFTConfig(BaseModel):
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
 
 
-_LIST_FIELDS = {"train_data", "valid_data"}
-_FLAG_FIELDS = {
-    "bf16",
-    "use_distributed_optimizer",
-    "dist_ckpt_optim_fully_reshardable",
-    "recompute_activations",
-}
+def _field_kind(annotation) -> str:
+    """ "flag" for bools, "list" for lists, "value" otherwise (Optional unwrapped)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if annotation is bool or args == [bool]:
+        return "flag"
+    if typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in args):
+        return "list"
+    return "value"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Megatron-style flags for every SFTConfig field; defaults come from the model."""
-    parser = argparse.ArgumentParser(
-        description="Full-parameter SFT of llm-jp-3 on megatron-core (torchrun / srun)."
-    )
+def build_parser(model: type[BaseModel] | None = None, description: str | None = None):
+    """Megatron-style flags (`--micro-batch-size`) for every field of `model`.
+
+    Booleans are switches (`--bf16`; a True default gets `--no-NAME`), lists take several
+    values. Defaults stay in the model: a flag not given does not override the YAML recipe.
+    """
+    model = model or SFTConfig
+    parser = argparse.ArgumentParser(description=description or model.__doc__)
     parser.add_argument("--config", type=Path, help="YAML recipe; flags given here win")
-    for name, field in SFTConfig.model_fields.items():
+    for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        if name in _FLAG_FIELDS:
-            parser.add_argument(flag, action="store_true", default=None)
-        elif name in _LIST_FIELDS:
-            parser.add_argument(flag, nargs="+", default=None, metavar="PATH [WEIGHT]")
-        elif name == "exit_signal_handler":
-            parser.add_argument("--no-exit-signal-handler", dest=name, action="store_false")
+        kind = _field_kind(field.annotation)
+        if kind == "flag" and field.default is True:
+            parser.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false")
+        elif kind == "flag":
+            parser.add_argument(flag, action="store_true")
+        elif kind == "list":
+            parser.add_argument(flag, nargs="+", metavar="VALUE")
         else:
-            parser.add_argument(flag, default=None, help=f"default: {field.default}")
-    parser.set_defaults(exit_signal_handler=None)
+            parser.add_argument(flag, help=f"default: {field.default}")
+    parser.set_defaults(**dict.fromkeys(model.model_fields))
     return parser
 
 
@@ -162,9 +168,10 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return f"invalid settings ({source}): " + "; ".join(lines)
 
 
-def load_config(argv: list[str] | None = None) -> SFTConfig:
+def load_config(argv: list[str] | None = None, model: type[BaseModel] | None = None):
     """Parse flags (and the YAML recipe), validate, and return the config or raise ConfigError."""
-    args = build_parser().parse_args(argv)
+    model = model or SFTConfig
+    args = build_parser(model).parse_args(argv)
     values: dict = {}
     source = "command line"
     if args.config is not None:
@@ -178,12 +185,14 @@ def load_config(argv: list[str] | None = None) -> SFTConfig:
     for name, value in vars(args).items():
         if name != "config" and value is not None:
             values[name] = value
-    for name in _LIST_FIELDS:
+    for name, field in model.model_fields.items():
+        if _field_kind(field.annotation) != "list":
+            continue
         if isinstance(values.get(name), str):
             values[name] = values[name].split()
         elif isinstance(values.get(name), list):
             values[name] = [str(v) for v in values[name]]
     try:
-        return SFTConfig(**values)
+        return model(**values)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
