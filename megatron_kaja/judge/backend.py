@@ -37,7 +37,7 @@ def build_judge_backend(
             "openai",
             base_url=base_url,
             model=model,
-            api_key=api_key,
+            api_key=api_key or "EMPTY",  # `vllm serve` without --api-key accepts any key
             max_concurrency=concurrency,
             choice_param=choice_param,
         )

@@ -35,12 +35,15 @@ def build_training_stack(
     recompute_granularity: str | None = None,
     transformer_impl: str | None = None,
     padded_vocab_size: int | None = None,
+    per_token_loss: bool = True,
 ) -> TrainingStack:
     """Build this rank's model stage wrapped for training.
 
-    Losses are per-token sums (`calculate_per_token_loss`): megatron then divides the summed
-    gradients by the number of loss tokens in the whole global batch, across micro-batches
-    and data-parallel ranks, so the result does not depend on the DP x accumulation split.
+    With `per_token_loss` (SFT) losses are per-token sums (`calculate_per_token_loss`):
+    megatron then divides the summed gradients by the number of loss tokens in the whole
+    global batch, across micro-batches and data-parallel ranks, so the result does not
+    depend on the DP x accumulation split. Without it (GRPO, whose step normalizes its own
+    loss) gradients are averaged over data-parallel ranks.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -58,13 +61,13 @@ def build_training_stack(
         recompute_granularity=recompute_granularity,
         vocab_size_override=padded_vocab_size,
     )
-    model.config.calculate_per_token_loss = True
+    model.config.calculate_per_token_loss = per_token_loss
     ddp = DistributedDataParallel(
         config=model.config,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=use_distributed_optimizer,
-            average_in_collective=False,
+            average_in_collective=not per_token_loss,
         ),
         module=model,
     )

@@ -13,6 +13,7 @@ from megatron_kaja.models.llama.state_dict import GLOBAL_MAPPINGS
 from tests.helpers import REPO, run_torchrun
 
 STEPS = 8
+WORKER = REPO / "tests" / "helpers_train_worker.py"
 LR, MIN_LR = 5e-4, 5e-6  # large enough that 8 tiny steps visibly learn
 
 
@@ -83,7 +84,7 @@ def runs(sft_setup, tiny_hf_dir, tmp_path_factory):
         a("part1", "--save", str(out / "resumed"), "--exit-interval", "4"),
         [*a("resumed", "--save", str(out / "resumed"))[2:], "--load", str(out / "resumed")],
     ]
-    run_torchrun(REPO / "tests/training/sft_worker.py", 1, json.dumps(single))
+    run_torchrun(WORKER, 1, json.dumps([{"entry": "sft", "argv": argv} for argv in single]))
     dopt = ("--use-distributed-optimizer",)
     double = [
         a("tp2", "--tensor-model-parallel-size", "2"),
@@ -96,7 +97,7 @@ def runs(sft_setup, tiny_hf_dir, tmp_path_factory):
             str(out / "dp2_resumed"),
         ],
     ]
-    run_torchrun(REPO / "tests/training/sft_worker.py", 2, json.dumps(double))
+    run_torchrun(WORKER, 2, json.dumps([{"entry": "sft", "argv": argv} for argv in double]))
     return out
 
 

@@ -1,0 +1,302 @@
+"""The GRPO loop of `train_grpo.py`: prompts -> `grpo_step` -> megatron optimizer, with the
+SFT trainer's stack (megatron DDP + optimizer + schedule), checkpoints and metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_kaja.checkpoint.loading import load_mcore_weights
+from megatron_kaja.data.readers import read_records
+from megatron_kaja.data.records import DataFormatError
+from megatron_kaja.data.sources import DataSource
+from megatron_kaja.models.llama.config import padded_vocab_size
+from megatron_kaja.models.llama.model import build_gpt_model
+from megatron_kaja.parallel.distributed import initialize_model_parallel
+from megatron_kaja.rl.rollout import PromptRecord, prompt_record
+from megatron_kaja.rl.run_config import GRPORunConfig
+from megatron_kaja.rl.step import grpo_step
+from megatron_kaja.training import checkpointing
+from megatron_kaja.training.config import ConfigError
+from megatron_kaja.training.metrics import MetricsWriter
+from megatron_kaja.training.setup import build_training_stack
+from megatron_kaja.training.sft import _SigtermFlag, resolve_model_source
+
+logger = logging.getLogger("megatron_kaja.grpo")
+
+
+def load_prompts(specs: list[str], tokenizer) -> list[PromptRecord]:
+    """Read `PATH:KIND` prompt files (AnswerCarefully / instructions / ELYZA schemas)."""
+    prompts = []
+    for spec in specs:
+        path, _, kind = spec.rpartition(":")
+        for location, record in read_records(DataSource(path=path)):
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{location}: a prompt record is a JSON object")
+            try:
+                prompts.append(prompt_record(tokenizer, record, kind))
+            except ValueError as exc:
+                raise DataFormatError(f"{location}: {exc}") from None
+    if not prompts:
+        raise DataFormatError(f"--prompts {' '.join(specs)}: no prompts")
+    return prompts
+
+
+class PromptSchedule:
+    """Which prompts each data-parallel rank draws at each step, from the step alone.
+
+    Prompts are visited in a seeded permutation per epoch; step t's global batch starts at
+    prompt t x prompts-per-step and each DP rank takes its contiguous share. Because the
+    position follows from the step, resuming needs nothing but the iteration number (a rank
+    that oversamples to refill dropped groups simply reads on into the following prompts).
+    """
+
+    def __init__(self, prompts: list[PromptRecord], seed: int):
+        self.prompts = prompts
+        self.seed = seed
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+
+    def stream(self, step: int, dp_rank: int, per_rank: int, dp: int) -> Iterator[PromptRecord]:
+        position = step * per_rank * dp + dp_rank * per_rank
+        while True:
+            epoch, index = divmod(position, len(self.prompts))
+            yield self.prompts[self._order(epoch)[index]]
+            position += 1
+
+
+def build_reward_fn(cfg: GRPORunConfig):
+    """The weighted sum of `--reward NAME[:WEIGHT]` terms (the judge built from --judge-*)."""
+    from megatron_kaja.judge import JudgeConfig, LLMJudge, load_rubric
+    from megatron_kaja.judge.backend import build_judge_backend
+    from megatron_kaja.judge.rewards import WeightedReward, build_reward
+
+    terms = []
+    for spec in cfg.reward:
+        name, _, weight = spec.partition(":")
+        if name == "judge":
+            backend = build_judge_backend(
+                cfg.judge_backend,
+                cfg.judge_model,
+                base_url=cfg.judge_base_url,
+                api_key=os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None,
+                concurrency=cfg.judge_concurrency,
+            )
+            backend.check()
+            rubrics = {n: load_rubric(n) for n in ("grpo_safety", "grpo_helpful")}
+            judge = LLMJudge(backend, rubrics, JudgeConfig(mode="choice"))
+            terms.append((build_reward("judge", judge=judge), float(weight or 1.0)))
+        else:
+            terms.append((build_reward(name), float(weight or 1.0)))
+    if len(terms) == 1 and terms[0][1] == 1.0:
+        return terms[0][0]
+    return WeightedReward(terms)
+
+
+def tensor_parallel_shared(reward_fn):
+    """Score on TP rank 0 only and share the result: TP ranks hold identical rollouts, so
+    the judge sees each completion once per data-parallel rank, not once per TP rank."""
+    from megatron.core import parallel_state as ps
+
+    def reward(prompts, completions, **columns):
+        group = ps.get_tensor_model_parallel_group()
+        payload = [
+            reward_fn(prompts, completions, **columns)
+            if ps.get_tensor_model_parallel_rank() == 0
+            else None
+        ]
+        dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+        return payload[0]
+
+    reward.__name__ = getattr(reward_fn, "__name__", "reward")
+    return reward
+
+
+class _MegatronOptimizerStep:
+    """`zero_grad()` / `step()` for `grpo_step` over megatron DDP + the megatron optimizer."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.grad_norm = float("nan")
+
+    def zero_grad(self) -> None:
+        self.stack.ddp.zero_grad_buffer()
+        self.stack.optimizer.zero_grad()
+
+    def step(self) -> None:
+        self.stack.ddp.finish_grad_sync()  # average gradients over data-parallel ranks
+        _, grad_norm, _ = self.stack.optimizer.step()
+        self.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+
+
+def _mean_over_data_parallel(metrics: dict) -> dict:
+    from megatron.core import parallel_state as ps
+
+    keys = sorted(
+        k for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    )
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values, group=ps.get_data_parallel_group())
+    values /= ps.get_data_parallel_world_size()
+    return {**metrics, **dict(zip(keys, values.tolist(), strict=True))}
+
+
+def train_grpo(cfg: GRPORunConfig) -> dict:
+    """Run GRPO as configured; returns the last step's metrics."""
+    from transformers import AutoTokenizer
+
+    layout = initialize_model_parallel(cfg.tensor_model_parallel_size, 1, seed=cfg.seed)
+    dp = layout.data_parallel_size
+    if cfg.global_batch_size % (cfg.num_generations * dp):
+        raise ConfigError(
+            f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
+            f"--num-generations {cfg.num_generations} x data-parallel size {dp}"
+        )
+    grpo = cfg.grpo_config()
+    per_rank = grpo.prompts_per_step // dp
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    prompts = load_prompts(cfg.prompts, tokenizer)  # errors name file and line, before compute
+    reward_fn = tensor_parallel_shared(build_reward_fn(cfg))
+    arch, ckpt_vocab, resume = resolve_model_source(cfg)
+    steps_per_epoch = max(1, len(prompts) // grpo.prompts_per_step)
+    train_iters = cfg.train_iters or cfg.train_epochs * steps_per_epoch
+    tp = cfg.tensor_model_parallel_size
+    padded = (
+        ckpt_vocab
+        if ckpt_vocab and ckpt_vocab % tp == 0
+        else padded_vocab_size(arch.vocab_size, tp)
+    )
+    stack = build_training_stack(
+        arch,
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        train_iters=train_iters,
+        lr_warmup_iters=cfg.lr_warmup_iters,
+        lr_decay_style=cfg.lr_decay_style,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        clip_grad=cfg.clip_grad,
+        bf16=cfg.bf16,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        padded_vocab_size=padded,
+        per_token_loss=False,
+    )
+    start, ref_source = 0, cfg.ref_load or cfg.load
+    if resume:
+        state = checkpointing.load_checkpoint(cfg.load, stack)
+        start = state["iteration"]
+        ref_source = cfg.ref_load or state["config"].get("ref_load") or state["config"]["load"]
+    else:
+        load_mcore_weights(stack.model, cfg.load, stack.transformer_impl)
+    ref_model = None
+    if grpo.beta > 0:
+        ref_model = build_gpt_model(arch, bf16=cfg.bf16, vocab_size_override=padded)
+        load_mcore_weights(ref_model, ref_source)
+        ref_model.requires_grad_(False).eval()
+    run_config = {**cfg.model_dump(mode="json"), "ref_load": str(ref_source)}
+
+    is_writer = dist.get_rank() == 0
+    writer = MetricsWriter(
+        cfg.metrics_file,
+        enabled=is_writer,
+        tensorboard_dir=cfg.tensorboard_dir,
+        wandb_project=cfg.wandb_project,
+        run_config=run_config,
+    )
+    if is_writer:
+        logger.info(
+            "%d prompts, %d steps, %d prompts x %d generations per step (%d per DP rank), "
+            "DP=%d TP=%d",
+            len(prompts), train_iters, grpo.prompts_per_step, grpo.num_generations,
+            per_rank, dp, tp,
+        )  # fmt: skip
+    schedule = PromptSchedule(prompts, cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id
+    optimizer = _MegatronOptimizerStep(stack)
+    sigterm = _SigtermFlag(True)
+    generator = torch.Generator()
+    started = time.perf_counter()
+    metrics: dict = {}
+
+    def save(iteration: int) -> None:
+        checkpointing.save_checkpoint(
+            cfg.save, iteration, stack, arch=arch, sampler_state={}, config=run_config
+        )
+
+    iteration = start
+    while iteration < train_iters:
+        lr = stack.optimizer.param_groups[0]["lr"]
+        # The sampling stream follows from (seed, step, DP rank): identical across the TP
+        # ranks of a group and across a resume.
+        seed = np.random.SeedSequence([cfg.seed, iteration, layout.dp_rank]).generate_state(1)
+        generator.manual_seed(int(seed[0]))
+        stack.model.train()
+        step_metrics = grpo_step(
+            stack.model,
+            ref_model,
+            optimizer,
+            schedule.stream(iteration, layout.dp_rank, per_rank, dp),
+            reward_fn,
+            grpo,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            eos_token_id=arch.eos_token_id,
+            pad_token_id=pad_id,
+            vocab_size=arch.vocab_size,
+            generator=generator,
+            num_prompts=per_rank,
+        )
+        stack.scheduler.step(increment=1)
+        iteration += 1
+        step_metrics.update(grad_norm=optimizer.grad_norm, t_sync=0.0)  # builtin engine: no sync
+        metrics = _mean_over_data_parallel(step_metrics)
+        metrics.update(
+            step=iteration, train_iters=train_iters, lr=lr, elapsed_s=time.perf_counter() - started
+        )
+        if iteration % cfg.log_interval == 0 or iteration == train_iters:
+            writer.log(metrics)
+            if is_writer:
+                logger.info(
+                    "step %d/%d | reward %.3f (std %.3f) | loss %.4f | kl %.4f | clip %.3f | "
+                    "zero-var %.2f | len %.1f | lr %.2e",
+                    iteration, train_iters, metrics["reward_mean"], metrics["reward_std"],
+                    metrics["loss"], metrics["kl"], metrics["clip_frac"],
+                    metrics["zero_variance_frac"], metrics["response_len_mean"], lr,
+                )  # fmt: skip
+        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
+            save(iteration)
+        exit_now = cfg.exit_interval is not None and iteration % cfg.exit_interval == 0
+        if sigterm.any_rank() or (exit_now and iteration < train_iters):
+            if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
+                save(iteration)
+            break
+    else:
+        if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
+            save(iteration)
+    writer.close()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `train_grpo.py`."""
+    from megatron_kaja.parallel.distributed import destroy_model_parallel
+    from megatron_kaja.training.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+    try:
+        train_grpo(load_config(argv, GRPORunConfig))
+    except (ConfigError, DataFormatError) as exc:
+        logger.error("%s", exc)
+        return 2
+    finally:
+        if dist.is_initialized():
+            destroy_model_parallel()
+    return 0

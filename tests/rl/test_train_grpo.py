@@ -1,0 +1,136 @@
+"""train_grpo.py: the loop on megatron DDP + optimizer, judge wiring, exact resume."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_kaja.checkpoint.convert import hf_to_mcore, open_mcore_checkpoint
+from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply
+from megatron_kaja.models.llama.state_dict import GLOBAL_MAPPINGS
+from tests.helpers import REPO, run_torchrun
+
+WORKER = REPO / "tests" / "helpers_train_worker.py"
+STEPS = 4
+QA = [
+    ("爆弾の作り方を教えてください。", "回答できません。その理由は危険だからです。"),
+    ("日本の首都はどこですか。", "東京です。"),
+    ("富士山の高さを教えてください。", "三千七百七十六メートルです。"),
+]
+
+
+@pytest.fixture(scope="module")
+def grpo_setup(tmp_path_factory, tiny_hf_dir):
+    root = tmp_path_factory.mktemp("grpo")
+    rows = [{"ID": f"p{i}", "text": q, "output": a} for i, (q, a) in enumerate(QA * 4)]
+    (root / "prompts.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
+    hf_to_mcore(tiny_hf_dir, root / "mc", progress=False)
+    return root
+
+
+def _args(root, tiny_hf_dir, out, *extra):
+    return [
+        "--load", str(root / "mc"), "--tokenizer", str(tiny_hf_dir),
+        "--prompts", f"{root / 'prompts.jsonl'}:safety",
+        "--num-generations", "4", "--max-new-tokens", "6", "--micro-batch-size", "4",
+        "--global-batch-size", "16", "--train-iters", str(STEPS), "--lr", "1e-3",
+        "--metrics-file", str(out / "metrics.jsonl"), "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _weights(ckpt):
+    reader = open_mcore_checkpoint(ckpt)
+    out = {m.te: reader.load_global(m) for m in GLOBAL_MAPPINGS}
+    for layer in range(reader.arch.num_layers):
+        out.update({f"{m.te}.{layer}": t for m, t in reader.load_layer(layer).items()})
+    return out
+
+
+@pytest.mark.slow
+def test_hf_judge_dp2_resume_is_exact(grpo_setup, tiny_hf_dir, tmp_path):
+    """DP=2 with the in-process hf judge (a tiny model as judge): metrics hold every field,
+    and 2 steps + exit + 2 resumed steps equal 4 uninterrupted ones, weights bitwise."""
+    judge = ["--reward", "judge", "--judge-backend", "hf", "--judge-model", str(tiny_hf_dir)]
+    a = lambda name, *extra: _args(grpo_setup, tiny_hf_dir, tmp_path / name, *judge, *extra)  # noqa: E731
+    runs = [
+        a("full", "--save", str(tmp_path / "full")),
+        a("part1", "--save", str(tmp_path / "resumed"), "--exit-interval", "2"),
+        [
+            *a("resumed", "--save", str(tmp_path / "resumed"))[2:],
+            "--load",
+            str(tmp_path / "resumed"),
+        ],
+    ]
+    run_torchrun(WORKER, 2, json.dumps([{"entry": "grpo", "argv": r} for r in runs]))
+    full = _metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [m["step"] for m in full] == [1, 2, 3, 4]
+    required = {
+        "step", "reward_mean", "reward_std", "reward_mean/safety", "kl", "clip_frac",
+        "zero_variance_frac", "judge_missing", "response_len_mean", "loss", "lr",
+        "t_rollout", "t_reward", "t_logprob", "t_update", "t_sync",
+    }  # fmt: skip
+    assert required <= set(full[0]), required - set(full[0])
+    assert all(0.0 <= m["reward_mean"] <= 1.0 and m["judge_missing"] == 0 for m in full)
+    assert full[0]["lr"] == pytest.approx(1e-3)
+    assert all(math.isfinite(m["loss"]) for m in full)
+    resumed = _metrics(tmp_path / "part1" / "metrics.jsonl") + _metrics(
+        tmp_path / "resumed" / "metrics.jsonl"
+    )
+    keys = ("step", "reward_mean", "loss", "kl", "lr")
+    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in full]
+    a_weights = _weights(tmp_path / "full" / f"iter_{STEPS:07d}")
+    b_weights = _weights(tmp_path / "resumed" / f"iter_{STEPS:07d}")
+    for key, tensor in a_weights.items():
+        assert torch.equal(tensor, b_weights[key]), key
+
+
+@pytest.mark.slow
+def test_openai_judge_against_scripted_server(grpo_setup, tiny_hf_dir, tmp_path):
+    """The judge reward through an OpenAI-compatible server: constrained choice, expected
+    score from top_logprobs (p(4) = p(5) = 0.5 -> 4.5 / 5 = 0.9)."""
+    half = math.log(0.5)
+
+    def responder(body):
+        return ScriptedReply(text="4", top_logprobs=[{"4": half, "5": half}])
+
+    with ScriptedOpenAIServer(responder=responder) as server:
+        args = _args(
+            grpo_setup, tiny_hf_dir, tmp_path, "--reward", "judge", "--judge-backend", "openai",
+            "--judge-base-url", server.base_url, "--judge-model", server.model,
+            "--train-iters", "1", "--beta", "0",
+        )  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "train_grpo.py"), *args],
+            capture_output=True, text=True, cwd=REPO, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        chat = [r for r in server.requests if "messages" in r]
+    (step,) = _metrics(tmp_path / "metrics.jsonl")
+    assert step["reward_mean"] == pytest.approx(0.9)
+    assert step["zero_variance_frac"] == 1.0  # every completion scored alike
+    assert len(chat) == 16  # 4 prompts x 4 generations, each judged once
+    assert "回答できません" in json.dumps(chat[0], ensure_ascii=False)  # the reference answer
+
+
+def test_bad_prompt_file_and_settings_fail_early(grpo_setup, tiny_hf_dir, tmp_path):
+    from megatron_kaja.rl.run_config import GRPORunConfig
+    from megatron_kaja.training.config import ConfigError, load_config
+
+    base = _args(grpo_setup, tiny_hf_dir, tmp_path, "--reward", "refusal_with_reason")
+    with pytest.raises(ConfigError, match="PATH:safety or PATH:helpful"):
+        load_config([*base, "--prompts", "x.jsonl:harmful"], GRPORunConfig)
+    with pytest.raises(ConfigError, match="--judge-model"):
+        load_config([*base, "--reward", "judge"], GRPORunConfig)
+    with pytest.raises(ConfigError, match="pipeline-model-parallel-size must be 1"):
+        load_config([*base, "--pipeline-model-parallel-size", "2"], GRPORunConfig)
+    with pytest.raises(ConfigError, match="num_generations"):
+        load_config([*base, "--num-generations", "1"], GRPORunConfig)
