@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,8 +153,20 @@ class OpenAIBackend:
                 await asyncio.sleep(min(cfg.backoff_max_s, delay) if delay else backoff)
         return GenerationResult(text=None, error=last_error, attempts=cfg.max_attempts)
 
-    async def agenerate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Async `generate`: all requests concurrently, at most `max_concurrency` in flight."""
+    @asynccontextmanager
+    async def session(
+        self,
+    ) -> AsyncIterator[Callable[[GenerationRequest], Awaitable[GenerationResult]]]:
+        """An open client for callers that schedule requests themselves and use each result
+        as soon as it arrives (a two-stage pipeline, output appended as results come in).
+
+        Yields `complete(request) -> GenerationResult` (a coroutine function) with the same
+        retry policy as `generate`; at most `max_concurrency` requests are in flight across
+        all callers of one session.
+
+            async with backend.session() as complete:
+                result = await complete(request)
+        """
         from openai import AsyncOpenAI
 
         cfg = self.config
@@ -160,18 +174,29 @@ class OpenAIBackend:
         client = AsyncOpenAI(
             base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0
         )
-        bar = tqdm(total=len(requests), desc="openai", disable=not cfg.progress)
 
-        async def tracked(req):
-            result = await self._one(client, sem, req)
+        async def complete(req: GenerationRequest) -> GenerationResult:
+            return await self._one(client, sem, req)
+
+        try:
+            yield complete
+        finally:
+            await client.close()
+
+    async def agenerate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Async `generate`: all requests concurrently, at most `max_concurrency` in flight."""
+        bar = tqdm(total=len(requests), desc="openai", disable=not self.config.progress)
+
+        async def tracked(complete, req):
+            result = await complete(req)
             bar.update(1)
             return result
 
         try:
-            return list(await asyncio.gather(*(tracked(r) for r in requests)))
+            async with self.session() as complete:
+                return list(await asyncio.gather(*(tracked(complete, r) for r in requests)))
         finally:
             bar.close()
-            await client.close()
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests`; safe to call from code that already runs an event loop."""

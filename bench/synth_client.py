@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Benchmark the teacher client (the `openai` backend's session, what
+`tools/generate_sft_data.py` sends its requests through) against a loopback
+OpenAI-compatible server that answers every request after a fixed delay.
+
+Reports requests/s at each concurrency and the client's own CPU time per request (process
+CPU time of the client process, which runs nothing else). The server runs in a separate
+process so that its CPU time is not counted as the client's. With a 50 ms delay the
+ideal rate is concurrency / 0.05 s; the target is >= 500 requests/s at 256 on 2 cores,
+so that the client is never what limits a vLLM server.
+
+    python bench/synth_client.py                      # concurrency 1 16 64 256, 50 ms
+    python bench/synth_client.py --concurrency 256 --requests 4096 --out bench_synth.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_kaja.inference import GenerationRequest, build_backend
+
+# A teacher-sized reply written for the benchmark (no third-party text).
+REPLY = "Q: 電車の中で大きな声で電話をしてもいいですか。周りの人への影響も教えてください。"
+
+
+def serve(delay_s: float) -> None:
+    """Run the scripted server until stdin closes; print its base URL first."""
+    from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply
+
+    reply = ScriptedReply(text=REPLY, delay_s=delay_s)
+    with ScriptedOpenAIServer(responder=lambda body: reply, model="bench-teacher") as server:
+        print(server.base_url, flush=True)
+        sys.stdin.read()
+
+
+async def run_level(backend, concurrency: int, n: int) -> dict:
+    """Send `n` requests with `concurrency` in flight; time wall clock and client CPU."""
+    requests = [
+        GenerationRequest(
+            messages=[{"role": "user", "content": f"参考質問: 質問{i}"}],
+            max_tokens=256,
+            temperature=0.7,
+        )
+        for i in range(n)
+    ]
+    async with backend.session() as complete:
+        # Warm up the connection pool outside the timing.
+        await asyncio.gather(*(complete(r) for r in requests[:concurrency]))
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        results = await asyncio.gather(*(complete(r) for r in requests))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    failed = sum(not r.ok for r in results)
+    return {
+        "concurrency": concurrency,
+        "requests": n,
+        "failed": failed,
+        "retries": sum(r.attempts - 1 for r in results),
+        "seconds": round(wall, 3),
+        "requests_per_s": round(n / wall, 1),
+        "ideal_requests_per_s": None,
+        "client_cpu_ms_per_request": round(1000 * cpu / n, 3),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--delay-ms", type=float, default=50.0, help="server delay per request")
+    p.add_argument(
+        "--requests", type=int, default=None, help="requests per level (default: 20 x concurrency, >= 100)"
+    )
+    p.add_argument("--out", help="append the results as JSON lines here")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.delay_ms / 1000)
+        return 0
+
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--delay-ms", str(args.delay_ms)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base_url = server.stdout.readline().strip()
+        rows = []
+        for c in args.concurrency:
+            backend = build_backend(
+                "openai", base_url=base_url, model="bench-teacher", max_concurrency=c
+            )
+            n = args.requests or max(100, 20 * c)
+            row = asyncio.run(run_level(backend, c, n))
+            row["ideal_requests_per_s"] = round(c / (args.delay_ms / 1000), 1)
+            row["delay_ms"] = args.delay_ms
+            rows.append(row)
+            print(
+                f"concurrency {c:4d}: {row['requests_per_s']:8.1f} req/s "
+                f"(ideal {row['ideal_requests_per_s']:.0f}), "
+                f"client CPU {row['client_cpu_ms_per_request']:.3f} ms/request, "
+                f"failed {row['failed']}, retries {row['retries']}",
+                flush=True,
+            )
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
