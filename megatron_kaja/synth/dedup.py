@@ -22,8 +22,6 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-_MERSENNE_61 = (1 << 61) - 1
-
 
 def normalize_text(text: str) -> str:
     """NFKC, lower case, without whitespace, punctuation and symbols (categories Z, P, S, C)."""
@@ -39,21 +37,31 @@ def char_ngrams(text: str, n: int) -> set[str]:
 
 
 class MinHasher:
-    """MinHash signatures with fixed random permutations h(x) = (a x + b) mod p (p = 2^61 - 1)
-    over 32-bit CRC shingle hashes; the same `seed` gives the same signatures in any process."""
+    """MinHash signatures: hash i of a shingle is splitmix64(crc32(shingle) XOR key_i), a
+    strong 64-bit mixer, so that every one of the `num_perm` hashes orders the shingles
+    independently (a linear (a x + b) mod p over 32-bit inputs barely wraps and keeps the
+    inputs' order, which makes the smallest CRC win in every hash). Fixed keys: the same
+    signatures in every process."""
 
     def __init__(self, num_perm: int = 64, ngram: int = 3, seed: int = 1) -> None:
         rng = np.random.default_rng(seed)
-        # a, x < 2^32, so a * x + b stays below 2^64 in uint64 arithmetic before the modulo.
-        self.a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+        self.keys = rng.integers(0, np.iinfo(np.uint64).max, size=num_perm, dtype=np.uint64)
         self.ngram = ngram
+
+    @staticmethod
+    def _splitmix64(z: np.ndarray) -> np.ndarray:
+        # Steele et al., "Fast splittable pseudorandom number generators" (2014), finalizer;
+        # uint64 arithmetic wraps modulo 2^64 as the algorithm intends.
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
     def signature(self, normalized: str) -> np.ndarray:
         shingles = char_ngrams(normalized, self.ngram) or {""}
         x = np.fromiter((zlib.crc32(s.encode()) for s in shingles), dtype=np.uint64)
-        hashed = (x[:, None] * self.a[None, :] + self.b[None, :]) % np.uint64(_MERSENNE_61)
-        return hashed.min(axis=0).astype(np.uint32)
+        hashed = self._splitmix64(x[:, None] ^ self.keys[None, :])
+        # The low 32 bits of the minimum: collisions at 2^-32 do not move a Jaccard estimate.
+        return (hashed.min(axis=0) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 class QuestionDeduplicator:
