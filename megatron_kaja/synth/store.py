@@ -90,8 +90,19 @@ class SynthStore:
             raise RuntimeError(
                 f"{self.out} is being written by another running generator"
             ) from None
+        try:
+            self._load()
+        except BaseException:
+            self._unlock()
+            raise
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        self._out_fd = os.open(self.out, flags, 0o644)
+        self._rejected_fd = os.open(self.rejected_path, flags, 0o644)
+
+    def _load(self) -> None:
+        """Repair torn tails and read what earlier runs wrote; the pipeline rebuilds its dedup
+        index from `previous_*`, then drops them."""
         self.repaired_bytes = repair_torn_tail(self.out) + repair_torn_tail(self.rejected_path)
-        # What earlier runs wrote; the pipeline rebuilds its dedup index from it, then drops it.
         self.previous_accepted = read_lines(self.out)
         self.previous_rejected = read_lines(self.rejected_path)
         self.accepted_count = len(self.previous_accepted)
@@ -106,9 +117,10 @@ class SynthStore:
                     raise ValueError(f"{path}: record {number} repeats id {record.get('id')!r}")
                 seen.add(record.get("id"))
         self.done_ids = seen
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        self._out_fd = os.open(self.out, flags, 0o644)
-        self._rejected_fd = os.open(self.rejected_path, flags, 0o644)
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        os.close(self._lock_fd)
 
     def _append(self, fd: int, record: dict) -> None:
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
@@ -148,5 +160,4 @@ class SynthStore:
     def close(self) -> None:
         for fd in (self._out_fd, self._rejected_fd):
             os.close(fd)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        os.close(self._lock_fd)
+        self._unlock()
