@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_kaja.inference import GenerationRequest, build_backend
@@ -42,8 +44,13 @@ def serve(delay_s: float) -> None:
         sys.stdin.read()
 
 
-async def run_level(backend, concurrency: int, n: int) -> dict:
-    """Send `n` requests with `concurrency` in flight; time wall clock and client CPU."""
+def _cpu_seconds(process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def run_level(backend, concurrency: int, n: int, server) -> dict:
+    """Send `n` requests with `concurrency` in flight; time wall clock, client and server CPU."""
     requests = [
         GenerationRequest(
             messages=[{"role": "user", "content": f"参考質問: 質問{i}"}],
@@ -55,9 +62,11 @@ async def run_level(backend, concurrency: int, n: int) -> dict:
     async with backend.session() as complete:
         # Warm up the connection pool outside the timing.
         await asyncio.gather(*(complete(r) for r in requests[:concurrency]))
+        server0 = _cpu_seconds(server)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         results = await asyncio.gather(*(complete(r) for r in requests))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        server_cpu = _cpu_seconds(server) - server0
     failed = sum(not r.ok for r in results)
     return {
         "concurrency": concurrency,
@@ -67,6 +76,7 @@ async def run_level(backend, concurrency: int, n: int) -> dict:
         "seconds": round(wall, 3),
         "requests_per_s": round(n / wall, 1),
         "client_cpu_ms_per_request": round(1000 * cpu / n, 3),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / n, 3),
         # Other work on a shared machine takes CPU from both processes: keep it on record.
         "load_average_1min": round(os.getloadavg()[0], 2),
     }
@@ -100,14 +110,15 @@ def main(argv=None) -> int:
                 "openai", base_url=base_url, model="bench-teacher", max_concurrency=c
             )
             n = args.requests or max(100, 20 * c)
-            row = asyncio.run(run_level(backend, c, n))
+            row = asyncio.run(run_level(backend, c, n, psutil.Process(server.pid)))
             row["ideal_requests_per_s"] = round(c / (args.delay_ms / 1000), 1)
             row["delay_ms"] = args.delay_ms
             rows.append(row)
             print(
                 f"concurrency {c:4d}: {row['requests_per_s']:8.1f} req/s "
                 f"(ideal {row['ideal_requests_per_s']:.0f}), "
-                f"client CPU {row['client_cpu_ms_per_request']:.3f} ms/request, "
+                f"CPU ms/request client {row['client_cpu_ms_per_request']:.3f} "
+                f"server {row['server_cpu_ms_per_request']:.3f}, "
                 f"failed {row['failed']}, retries {row['retries']}, "
                 f"load average {row['load_average_1min']}",
                 flush=True,

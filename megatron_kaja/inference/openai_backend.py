@@ -152,37 +152,38 @@ class OpenAIBackend:
         return body
 
     @staticmethod
-    def _to_result(response, attempts: int) -> GenerationResult:
-        choice = response.choices[0]
+    def _to_result(response: dict, attempts: int) -> GenerationResult:
+        """Read the response JSON as a plain dict: building the SDK's pydantic objects for
+        every response is a measurable part of the client's CPU per request."""
+        choice = response["choices"][0]
         top = None
-        if choice.logprobs is not None and choice.logprobs.content is not None:
+        content = (choice.get("logprobs") or {}).get("content")
+        if content is not None:
             top = []
-            for position in choice.logprobs.content:
+            for position in content:
                 entries: dict[str, float] = {}
-                for cand in position.top_logprobs or []:
+                for cand in position.get("top_logprobs") or []:
                     # The same text can appear twice (different ids); keep the likelier one.
-                    entries[cand.token] = max(cand.logprob, entries.get(cand.token, -1e30))
+                    entries[cand["token"]] = max(cand["logprob"], entries.get(cand["token"], -1e30))
                 top.append(entries)
-        usage = response.usage
+        usage = response.get("usage") or {}
         return GenerationResult(
-            text=choice.message.content or "",
-            finish_reason=choice.finish_reason,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            text=(choice.get("message") or {}).get("content") or "",
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
             top_logprobs=top,
             attempts=attempts,
         )
 
     async def _one(self, pool: _ClientPool, req: GenerationRequest) -> GenerationResult:
-        from openai.types.chat import ChatCompletion
-
         cfg = self.config
         last_error = ""
         for attempt in range(1, cfg.max_attempts + 1):
             async with pool.slot() as client:
                 try:
                     response = await client.post(
-                        "/chat/completions", body=self._request_body(req), cast_to=ChatCompletion
+                        "/chat/completions", body=self._request_body(req), cast_to=dict
                     )
                     return self._to_result(response, attempt)
                 except Exception as exc:  # classified below; anything else is a bug -> raise
