@@ -11,6 +11,7 @@ so that the client is never what limits a vLLM server.
 
     python bench/synth_client.py                      # concurrency 1 16 64 256, 50 ms
     python bench/synth_client.py --concurrency 256 --requests 4096 --out bench_synth.jsonl
+    python bench/synth_client.py --pipeline-samples 2000   # + the whole generator at 256
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,18 +32,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_kaja.inference import GenerationRequest, build_backend
 
-# A teacher-sized reply written for the benchmark (no third-party text).
-REPLY = "Q: 電車の中で大きな声で電話をしてもいいですか。周りの人への影響も教えてください。"
+# Teacher-sized replies written for the benchmark (no third-party text).
+KANA = "あいうえおかきくけこさしすせそたちつてとなにぬねのはひふへほまみむめも"
+ANSWER = "A: 回答できません。その理由は、周りの人の迷惑になり、トラブルの原因になるからです。"
 
 
 def serve(delay_s: float) -> None:
-    """Run the scripted server until stdin closes; print its base URL first."""
+    """Run the scripted server until stdin closes; print its base URL first. Question
+    prompts get a distinct question per request seed (so that the pipeline mode's dedup
+    keeps them), answer prompts a fixed answer."""
+    import random
+
     from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply
 
-    reply = ScriptedReply(text=REPLY, delay_s=delay_s)
-    with ScriptedOpenAIServer(responder=lambda body: reply, model="bench-teacher") as server:
+    def reply(body: dict) -> ScriptedReply:
+        if "参考質問:" in body["messages"][0]["content"]:
+            rng = random.Random(body.get("seed"))
+            question = "Q: " + "".join(rng.choices(KANA, k=30)) + "ですか？"
+            return ScriptedReply(text=question, delay_s=delay_s)
+        return ScriptedReply(text=ANSWER, delay_s=delay_s)
+
+    with ScriptedOpenAIServer(responder=reply, model="bench-teacher") as server:
         print(server.base_url, flush=True)
         sys.stdin.read()
+
+
+def run_pipeline(base_url: str, concurrency: int, samples: int, server) -> dict:
+    """The whole generator (checks, dedup, appends, progress) against the same server."""
+    from megatron_kaja.synth import SeedFile, SynthConfig, run_synthesis
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seeds = Path(tmp) / "seeds.jsonl"
+        rows = [{"ID": str(i), "text": f"参考の質問その{i}です。"} for i in range(samples)]
+        seeds.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        cfg = SynthConfig(
+            seeds=[SeedFile(str(seeds), "safety")],
+            out=str(Path(tmp) / "sft.jsonl"),
+            model="bench-teacher",
+            base_url=base_url,
+            samples_per_seed=1,
+            concurrency=concurrency,
+            progress=False,
+        )
+        server0 = _cpu_seconds(server)
+        cpu0 = time.process_time()
+        summary = run_synthesis(cfg)
+        cpu, server_cpu = time.process_time() - cpu0, _cpu_seconds(server) - server0
+    run = summary["this_run"]
+    return {
+        "mode": "pipeline",
+        "concurrency": concurrency,
+        "samples": samples,
+        "accepted": summary["accepted"],
+        "requests": run["requests"],
+        "seconds": run["seconds"],
+        "requests_per_s": run["requests_per_s"],
+        "client_cpu_ms_per_request": round(1000 * cpu / run["requests"], 3),
+        "server_cpu_ms_per_request": round(1000 * server_cpu / run["requests"], 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def _cpu_seconds(process) -> float:
@@ -69,6 +118,7 @@ async def run_level(backend, concurrency: int, n: int, server) -> dict:
         server_cpu = _cpu_seconds(server) - server0
     failed = sum(not r.ok for r in results)
     return {
+        "mode": "client",
         "concurrency": concurrency,
         "requests": n,
         "failed": failed,
@@ -88,6 +138,12 @@ def main(argv=None) -> int:
     p.add_argument("--delay-ms", type=float, default=50.0, help="server delay per request")
     p.add_argument(
         "--requests", type=int, help="requests per level (default: 20 x concurrency, >= 100)"
+    )
+    p.add_argument(
+        "--pipeline-samples",
+        type=int,
+        default=0,
+        help="also run the whole generator on this many samples at the highest concurrency",
     )
     p.add_argument("--out", help="append the results as JSON lines here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -120,6 +176,18 @@ def main(argv=None) -> int:
                 f"CPU ms/request client {row['client_cpu_ms_per_request']:.3f} "
                 f"server {row['server_cpu_ms_per_request']:.3f}, "
                 f"failed {row['failed']}, retries {row['retries']}, "
+                f"load average {row['load_average_1min']}",
+                flush=True,
+            )
+        if args.pipeline_samples:
+            c = max(args.concurrency)
+            row = run_pipeline(base_url, c, args.pipeline_samples, psutil.Process(server.pid))
+            rows.append(row)
+            print(
+                f"pipeline    {c:4d}: {row['requests_per_s']:8.1f} req/s, "
+                f"CPU ms/request client {row['client_cpu_ms_per_request']:.3f} "
+                f"server {row['server_cpu_ms_per_request']:.3f}, "
+                f"{row['accepted']}/{row['samples']} accepted, "
                 f"load average {row['load_average_1min']}",
                 flush=True,
             )
