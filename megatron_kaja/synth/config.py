@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from megatron_kaja.inference import backend_names
 from megatron_kaja.synth.quality import QualityConfig
@@ -86,7 +85,6 @@ class SynthConfig:
             raise ValueError("--temperature must be >= 0 and --top-p in (0, 1]")
         if self.api_key_env and self.api_key_env not in os.environ:
             raise ValueError(f"--api-key-env: environment variable {self.api_key_env} is not set")
-        Path(self.out).parent.mkdir(parents=True, exist_ok=True)
 
     @property
     def api_key(self) -> str:

@@ -54,6 +54,7 @@ class SynthRun:
         # Check every input before the first request: seeds, templates, evaluation sets.
         self.templates = load_templates(cfg.templates)
         self.seeds = load_seed_questions(cfg.seeds)
+        # Evaluation sets in any of the schemas the evaluation reads (the kind only names ids).
         eval_questions = [
             r.question
             for path in cfg.decontaminate
