@@ -10,8 +10,11 @@ visible piece of code and the attempt count is reported per result.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +22,8 @@ from tqdm import tqdm
 
 from megatron_kaja.inference.registry import register_backend
 from megatron_kaja.inference.types import GenerationRequest, GenerationResult
+
+POOL_CONNECTIONS = 32  # connections per HTTP client; see `_ClientPool`
 
 
 @dataclass
@@ -72,6 +77,43 @@ def _retry_after_s(exc: Exception) -> float | None:
         return None
 
 
+class _ClientPool:
+    """`max_concurrency` request slots spread over several clients of at most
+    `POOL_CONNECTIONS` connections each, a request taking the least busy one.
+
+    Why several: the HTTP client's connection pool scans all its connections and queued
+    requests to place each request, so one pool of 256 connections spends more CPU per
+    request than the request itself (bench/synth_client.py); pools of 32 do not.
+    """
+
+    def __init__(self, cfg: OpenAIBackendConfig) -> None:
+        from openai import AsyncOpenAI
+
+        n = math.ceil(cfg.max_concurrency / POOL_CONNECTIONS)
+        self.clients = [
+            AsyncOpenAI(
+                base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0
+            )
+            for _ in range(n)
+        ]
+        self.busy = [0] * n
+        self.sem = asyncio.Semaphore(cfg.max_concurrency)
+
+    @asynccontextmanager
+    async def slot(self):
+        async with self.sem:
+            i = min(range(len(self.clients)), key=self.busy.__getitem__)
+            self.busy[i] += 1
+            try:
+                yield self.clients[i]
+            finally:
+                self.busy[i] -= 1
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
 @register_backend("openai")
 class OpenAIBackend:
     """Chat completions against an OpenAI-compatible server."""
@@ -81,8 +123,14 @@ class OpenAIBackend:
     def __init__(self, config: OpenAIBackendConfig | None = None, **kwargs) -> None:
         self.config = config or OpenAIBackendConfig(**kwargs)
 
-    def _request_kwargs(self, req: GenerationRequest) -> dict:
-        kwargs: dict = {
+    def _request_body(self, req: GenerationRequest) -> dict:
+        """The chat-completion JSON body. It is sent with `client.post` rather than
+        `chat.completions.create`: the latter walks every parameter through the SDK's
+        TypedDict transform, about 1 ms of CPU per request, which at hundreds of requests
+        per second made the client, not the server, the bottleneck (bench/synth_client.py).
+        vLLM's own fields (`structured_outputs`, `guided_choice`) go at the top level, as
+        the SDK's `extra_body` would put them."""
+        body: dict = {
             "model": self.config.model,
             "messages": list(req.messages),
             "max_tokens": req.max_tokens,
@@ -90,50 +138,53 @@ class OpenAIBackend:
             "top_p": req.top_p,
         }
         if req.seed is not None:
-            kwargs["seed"] = req.seed
+            body["seed"] = req.seed
         if req.stop:
-            kwargs["stop"] = list(req.stop)
+            body["stop"] = list(req.stop)
         if req.top_logprobs is not None:
-            kwargs["logprobs"] = True
-            kwargs["top_logprobs"] = req.top_logprobs
+            body["logprobs"] = True
+            body["top_logprobs"] = req.top_logprobs
         if req.choices is not None:
             if self.config.choice_param == "structured_outputs":
-                kwargs["extra_body"] = {"structured_outputs": {"choice": list(req.choices)}}
+                body["structured_outputs"] = {"choice": list(req.choices)}
             else:
-                kwargs["extra_body"] = {"guided_choice": list(req.choices)}
-        return kwargs
+                body["guided_choice"] = list(req.choices)
+        return body
 
     @staticmethod
-    def _to_result(response, attempts: int) -> GenerationResult:
-        choice = response.choices[0]
+    def _to_result(response: dict, attempts: int) -> GenerationResult:
+        """Read the response JSON as a plain dict: building the SDK's pydantic objects for
+        every response is a measurable part of the client's CPU per request."""
+        choice = response["choices"][0]
         top = None
-        if choice.logprobs is not None and choice.logprobs.content is not None:
+        content = (choice.get("logprobs") or {}).get("content")
+        if content is not None:
             top = []
-            for position in choice.logprobs.content:
+            for position in content:
                 entries: dict[str, float] = {}
-                for cand in position.top_logprobs or []:
+                for cand in position.get("top_logprobs") or []:
                     # The same text can appear twice (different ids); keep the likelier one.
-                    entries[cand.token] = max(cand.logprob, entries.get(cand.token, -1e30))
+                    entries[cand["token"]] = max(cand["logprob"], entries.get(cand["token"], -1e30))
                 top.append(entries)
-        usage = response.usage
+        usage = response.get("usage") or {}
         return GenerationResult(
-            text=choice.message.content or "",
-            finish_reason=choice.finish_reason,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            text=(choice.get("message") or {}).get("content") or "",
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
             top_logprobs=top,
             attempts=attempts,
         )
 
-    async def _one(
-        self, client, sem: asyncio.Semaphore, req: GenerationRequest
-    ) -> GenerationResult:
+    async def _one(self, pool: _ClientPool, req: GenerationRequest) -> GenerationResult:
         cfg = self.config
         last_error = ""
         for attempt in range(1, cfg.max_attempts + 1):
-            async with sem:
+            async with pool.slot() as client:
                 try:
-                    response = await client.chat.completions.create(**self._request_kwargs(req))
+                    response = await client.post(
+                        "/chat/completions", body=self._request_body(req), cast_to=dict
+                    )
                     return self._to_result(response, attempt)
                 except Exception as exc:  # classified below; anything else is a bug -> raise
                     import openai
@@ -151,27 +202,44 @@ class OpenAIBackend:
                 await asyncio.sleep(min(cfg.backoff_max_s, delay) if delay else backoff)
         return GenerationResult(text=None, error=last_error, attempts=cfg.max_attempts)
 
+    @asynccontextmanager
+    async def session(
+        self,
+    ) -> AsyncIterator[Callable[[GenerationRequest], Awaitable[GenerationResult]]]:
+        """An open client for callers that schedule requests themselves and use each result
+        as soon as it arrives (a two-stage pipeline, output appended as results come in).
+
+        Yields `complete(request) -> GenerationResult` (a coroutine function) with the same
+        retry policy as `generate`; at most `max_concurrency` requests are in flight across
+        all callers of one session.
+
+            async with backend.session() as complete:
+                result = await complete(request)
+        """
+        pool = _ClientPool(self.config)
+
+        async def complete(req: GenerationRequest) -> GenerationResult:
+            return await self._one(pool, req)
+
+        try:
+            yield complete
+        finally:
+            await pool.aclose()
+
     async def agenerate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Async `generate`: all requests concurrently, at most `max_concurrency` in flight."""
-        from openai import AsyncOpenAI
+        bar = tqdm(total=len(requests), desc="openai", disable=not self.config.progress)
 
-        cfg = self.config
-        sem = asyncio.Semaphore(cfg.max_concurrency)
-        client = AsyncOpenAI(
-            base_url=cfg.base_url, api_key=cfg.api_key, timeout=cfg.timeout_s, max_retries=0
-        )
-        bar = tqdm(total=len(requests), desc="openai", disable=not cfg.progress)
-
-        async def tracked(req):
-            result = await self._one(client, sem, req)
+        async def tracked(complete, req):
+            result = await complete(req)
             bar.update(1)
             return result
 
         try:
-            return list(await asyncio.gather(*(tracked(r) for r in requests)))
+            async with self.session() as complete:
+                return list(await asyncio.gather(*(tracked(complete, r) for r in requests)))
         finally:
             bar.close()
-            await client.close()
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests`; safe to call from code that already runs an event loop."""

@@ -24,6 +24,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MAX_BODY_BYTES = 1 << 20
 
 
+class _LoopbackHTTPServer(ThreadingHTTPServer):
+    """A thread per connection. The listen backlog is raised from socketserver's 5: with
+    hundreds of clients connecting at once the kernel would drop SYNs, and clients would
+    see connection errors (and back off) that a real server never causes."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+
 @dataclass
 class ScriptedReply:
     """One programmed answer. `status != 200` sends an OpenAI-style error body;
@@ -127,6 +136,13 @@ class ScriptedOpenAIServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive like vLLM's server: a client reuses its connections instead of
+            # paying a TCP connect per request. Every reply carries a Content-Length.
+            protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes; with Nagle on, the body waits for the
+            # client's delayed ACK (~40 ms on Linux) on every kept-alive request.
+            disable_nagle_algorithm = True
+
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
 
@@ -150,6 +166,7 @@ class ScriptedOpenAIServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 if length > MAX_BODY_BYTES:
+                    self.close_connection = True  # the unread body must not be parsed as a request
                     self._send_json(413, {"error": {"message": "request body too large"}})
                     return
                 if not self.path.rstrip("/").endswith("/chat/completions"):
@@ -179,8 +196,7 @@ class ScriptedOpenAIServer:
 
     def start(self) -> ScriptedOpenAIServer:
         """Bind a free loopback port and serve in a daemon thread."""
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
+        self._httpd = _LoopbackHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
         return self

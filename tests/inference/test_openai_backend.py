@@ -100,3 +100,39 @@ def test_bad_config_fails_clearly():
         build_backend("openai", base_url="http://x/v1", model="m", choice_param="regex")
     with pytest.raises(ValueError, match="unknown generation backend"):
         build_backend("tgi")
+
+
+def test_session_results_arrive_as_completed_and_the_bound_spans_all_clients():
+    """`session()` hands each result over when it is in (a slow request holds up nothing
+    else), and the in-flight bound holds across the several HTTP clients it spreads over."""
+    import asyncio
+
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+
+    def responder(body):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(1.5 if body["messages"][0]["content"] == "slow" else 0.2)
+        with lock:
+            state["now"] -= 1
+        return ScriptedReply(text=body["messages"][0]["content"])
+
+    async def run(server):
+        order = []
+        async with backend(server, max_concurrency=40).session() as complete:
+
+            async def one(text):
+                result = await complete(
+                    GenerationRequest(messages=[{"role": "user", "content": text}])
+                )
+                order.append(result.text)
+
+            await asyncio.gather(one("slow"), *(one(f"fast{i}") for i in range(79)))
+        return order
+
+    with ScriptedOpenAIServer(responder=responder) as server:
+        order = asyncio.run(run(server))
+    assert order[-1] == "slow"  # sent first, in last: the 79 others did not wait for it
+    assert sorted(order) == sorted(["slow", *(f"fast{i}" for i in range(79))])
+    assert state["peak"] == 40  # 40 in flight over two clients of 20, never more
