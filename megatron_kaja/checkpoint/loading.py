@@ -23,8 +23,10 @@ def load_torch_dist_weights(model, ckpt_dir: str | Path) -> None:
     from megatron.core import dist_checkpointing
 
     sharded = model.sharded_state_dict()
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    model.load_state_dict(state)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    # A training checkpoint's common state (iteration, optimizer settings, ...) comes back
+    # merged in: keep the model's own entries.
+    model.load_state_dict({k: v for k, v in loaded.items() if k in sharded})
 
 
 def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> None:

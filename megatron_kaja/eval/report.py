@@ -57,25 +57,45 @@ def markdown_report(report: dict) -> str:
 
 
 def _bar_chart(path: Path, groups: list[str], series: dict[str, list[dict | None]], title: str):
-    """Grouped bars (one group per metric, one bar per series) with CI error bars."""
+    """Grouped bars with CI error bars: rates (%) and scores (1-5) in two panels, so neither
+    scale flattens the other."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters and CI
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(series))), 4))
+    panels = [
+        ("rates (%)", [i for i, g in enumerate(groups) if g.endswith("_rate")]),
+        ("scores", [i for i, g in enumerate(groups) if not g.endswith("_rate")]),
+    ]
+    panels = [(name, idx) for name, idx in panels if idx]
+    per_group = 0.35 * max(1, len(series)) + 0.4
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(min(18.0, 2.5 + per_group * len(groups)), 4.5),
+        gridspec_kw={"width_ratios": [len(idx) for _, idx in panels]},
+        squeeze=False,
+    )
     width = 0.8 / max(1, len(series))
-    x = np.arange(len(groups))
-    for i, (label, metrics) in enumerate(series.items()):
-        values = [m["value"] if m and m["value"] is not None else 0.0 for m in metrics]
-        low = [m["value"] - m["ci95"][0] if m and m["ci95"] else 0.0 for m in metrics]
-        high = [m["ci95"][1] - m["value"] if m and m["ci95"] else 0.0 for m in metrics]
-        ax.bar(x + i * width, values, width, yerr=[low, high], capsize=3, label=label)
-    ax.set_xticks(x + width * (len(series) - 1) / 2, groups, rotation=20, ha="right")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
+    for ax, (panel, idx) in zip(axes[0], panels, strict=True):
+        x = np.arange(len(idx))
+        for i, (label, metrics) in enumerate(series.items()):
+            chosen = [metrics[j] for j in idx]
+            values = [m["value"] if m and m["value"] is not None else 0.0 for m in chosen]
+            low = [m["value"] - m["ci95"][0] if m and m["ci95"] else 0.0 for m in chosen]
+            high = [m["ci95"][1] - m["value"] if m and m["ci95"] else 0.0 for m in chosen]
+            ax.bar(x + i * width, values, width, yerr=[low, high], capsize=3, label=label)
+        ax.set_xticks(
+            x + width * (len(series) - 1) / 2, [groups[j] for j in idx], rotation=25, ha="right"
+        )
+        ax.set_title(panel)
+        ax.set_ylim(0, 100 if panel.startswith("rates") else 5)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncols=len(series))
+    fig.suptitle(title, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

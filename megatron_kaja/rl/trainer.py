@@ -164,7 +164,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     prompts = load_prompts(cfg.prompts, tokenizer)  # errors name file and line, before compute
     reward_fn = tensor_parallel_shared(build_reward_fn(cfg))
-    arch, ckpt_vocab, resume = resolve_model_source(cfg)
+    arch, ckpt_vocab, resume, weights = resolve_model_source(cfg, "grpo")
     steps_per_epoch = max(1, len(prompts) // grpo.prompts_per_step)
     train_iters = cfg.train_iters or cfg.train_epochs * steps_per_epoch
     tp = cfg.tensor_model_parallel_size
@@ -189,13 +189,13 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         padded_vocab_size=padded,
         per_token_loss=False,
     )
-    start, ref_source = 0, cfg.ref_load or cfg.load
+    start, ref_source = 0, cfg.ref_load or weights
     if resume:
-        state = checkpointing.load_checkpoint(cfg.load, stack)
+        state = checkpointing.load_checkpoint(cfg.load, stack, "grpo")
         start = state["iteration"]
         ref_source = cfg.ref_load or state["config"].get("ref_load") or state["config"]["load"]
     else:
-        load_mcore_weights(stack.model, cfg.load, stack.transformer_impl)
+        load_mcore_weights(stack.model, weights, stack.transformer_impl)
     ref_model = None
     if grpo.beta > 0:
         ref_model = build_gpt_model(arch, bf16=cfg.bf16, vocab_size_override=padded)
@@ -228,7 +228,13 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
 
     def save(iteration: int) -> None:
         checkpointing.save_checkpoint(
-            cfg.save, iteration, stack, arch=arch, sampler_state={}, config=run_config
+            cfg.save,
+            iteration,
+            stack,
+            arch=arch,
+            sampler_state={},
+            config=run_config,
+            run_kind="grpo",
         )
 
     iteration = start

@@ -33,8 +33,9 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def latest_iteration(root: Path) -> int | None:
-    """The iteration of the newest complete training checkpoint under `root`, if any."""
+def latest_iteration(root: Path, run_kind: str | None = None) -> int | None:
+    """The iteration of the newest complete training checkpoint under `root`, if any
+    (of a `run_kind` run, "sft" or "grpo", when given)."""
     tracker = Path(root) / TRACKER_FILE
     if not tracker.is_file():
         return None
@@ -48,7 +49,9 @@ def latest_iteration(root: Path) -> int | None:
     from megatron.core.dist_checkpointing import load_common_state_dict
 
     common = load_common_state_dict(str(ckpt))
-    return iteration if "iteration" in common else None
+    if "iteration" not in common or run_kind not in (None, common.get("run_kind")):
+        return None
+    return iteration
 
 
 def _rng_state() -> dict:
@@ -103,6 +106,7 @@ def save_checkpoint(
     arch,
     sampler_state: dict,
     config: dict,
+    run_kind: str = "sft",
     keep_last: int | None = None,
     optimizer_fully_reshardable: bool = False,
 ) -> Path:
@@ -128,6 +132,7 @@ def save_checkpoint(
         checkpoint_version=CHECKPOINT_VERSION,
         world_size=dist.get_world_size(),
         optimizer_sharding=sharding,
+        run_kind=run_kind,
         scheduler=stack.scheduler.state_dict(),
         sampler=sampler_state,
         config=config,
@@ -192,7 +197,7 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
-def load_checkpoint(root: Path, stack) -> dict:
+def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     """Restore model, optimizer, schedule and RNG from the newest checkpoint under `root`.
 
     Returns the common state (`iteration`, `sampler`, `config`, ...). RNG states are
@@ -201,9 +206,9 @@ def load_checkpoint(root: Path, stack) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import load_common_state_dict
 
-    iteration = latest_iteration(root)
+    iteration = latest_iteration(root, run_kind)
     if iteration is None:
-        raise FileNotFoundError(f"{root}: no training checkpoint (no {TRACKER_FILE})")
+        raise FileNotFoundError(f"{root}: no {run_kind or 'training'} checkpoint to resume")
     ckpt = iteration_dir(root, iteration)
     common = load_common_state_dict(str(ckpt))
     _materialize_optimizer_state(stack.optimizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -64,16 +65,20 @@ def _rank0_first(fn):
     return result
 
 
-def resolve_model_source(cfg: SFTConfig) -> tuple[LlamaArch, int | None, bool]:
-    """(architecture, the checkpoint's padded vocab, whether --load is a training run)."""
+def resolve_model_source(cfg, run_kind: str) -> tuple[LlamaArch, int | None, bool, Path]:
+    """Where a run starts: (architecture, the checkpoint's padded vocab, resume?, weights).
+
+    `--load` may be a converted checkpoint (weights), a training run of the same kind
+    (resumed: weights, optimizer, schedule, data position, RNG) or a run of the other kind
+    (its latest weights: GRPO starts from an SFT run's folder).
+    """
     if cfg.load is None:
-        raise ConfigError("--load is required: SFT starts from a converted checkpoint")
-    if checkpointing.latest_iteration(cfg.load) is not None:
-        ckpt = checkpointing.iteration_dir(cfg.load, checkpointing.latest_iteration(cfg.load))
-        reader = open_mcore_checkpoint(ckpt)
-        return reader.arch, reader.padded_vocab, True
-    reader = open_mcore_checkpoint(cfg.load)
-    return reader.arch, reader.padded_vocab, False
+        raise ConfigError("--load is required: training starts from a converted checkpoint")
+    resume = checkpointing.latest_iteration(cfg.load, run_kind) is not None
+    latest = checkpointing.latest_iteration(cfg.load)
+    weights = checkpointing.iteration_dir(cfg.load, latest) if latest is not None else cfg.load
+    reader = open_mcore_checkpoint(weights)
+    return reader.arch, reader.padded_vocab, resume, Path(weights)
 
 
 def _data_config(cfg: SFTConfig, paths: list[str]) -> SFTDataConfig:
@@ -185,7 +190,7 @@ def train(cfg: SFTConfig) -> dict:
         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
     )
     dp = cfg.check_world(layout.world_size)
-    arch, ckpt_padded_vocab, resume = resolve_model_source(cfg)
+    arch, ckpt_padded_vocab, resume, weights = resolve_model_source(cfg, "sft")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     if len(tokenizer) > arch.vocab_size:
         raise ConfigError(
@@ -230,11 +235,11 @@ def train(cfg: SFTConfig) -> dict:
     )
     start = 0
     if resume:
-        state = checkpointing.load_checkpoint(cfg.load, stack)
+        state = checkpointing.load_checkpoint(cfg.load, stack, "sft")
         start = state["iteration"]
         sampler.load_state_dict(state["sampler"])
     else:
-        load_mcore_weights(stack.model, cfg.load, stack.transformer_impl)
+        load_mcore_weights(stack.model, weights, stack.transformer_impl)
 
     is_writer = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank
     writer = MetricsWriter(
@@ -271,6 +276,7 @@ def train(cfg: SFTConfig) -> dict:
             arch=arch,
             sampler_state=sampler.state_dict(),
             config=cfg.model_dump(mode="json"),
+            run_kind="sft",
             optimizer_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
         )
 
