@@ -12,8 +12,9 @@ from tests.helpers import REPO
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
+    demo = REPO / "examples" / "tiny" / "run_demo.py"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "tiny" / "run_demo.py"), "--fast", "--out", str(out)],
+        [sys.executable, str(demo), "--fast", "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
