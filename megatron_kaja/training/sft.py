@@ -103,15 +103,39 @@ def _loss_func(batch: dict, vocab_size: int, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
-def _forward_step(vocab_size: int, data_iterator, model):
+def _packed_seq_params(batch: dict):
+    """transformer-engine's packed (THD) attention: the micro-batch's rows as one sequence
+    of samples delimited by `cu_seqlens` (no padding compute, positions restart per sample)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    max_seqlen = int(batch["max_seqlen"])
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=batch["cu_seqlens"],
+        cu_seqlens_kv=batch["cu_seqlens"],
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
+
+
+def _forward_step(vocab_size: int, transformer_impl: str, data_iterator, model):
     """Packed rows -> vocab-parallel logits (last stage) or hidden states (other stages).
 
-    Positions: megatron's RoPE numbers a row's tokens 0..s-1 rather than per sample; the
-    per-sample mask keeps attention inside a sample, and RoPE scores depend only on
-    relative positions, so this equals restarting positions up to rounding.
+    Local / SDPA specs get a per-sample causal mask `[b, 1, s, s]`; there megatron's RoPE
+    numbers a row's tokens 0..s-1 rather than per sample, which equals restarting positions
+    up to rounding (attention stays inside a sample and RoPE scores depend only on relative
+    positions). The transformer-engine spec gets the THD layout instead.
     """
     batch = next(data_iterator)
     b, s = batch["tokens"].shape
+    if transformer_impl == "transformer_engine":
+        flat = {
+            k: batch[k].reshape(1, b * s) for k in ("tokens", "position_ids", "labels", "loss_mask")
+        }
+        output = model(
+            flat["tokens"], flat["position_ids"], None, packed_seq_params=_packed_seq_params(batch)
+        )
+        return output, partial(_loss_func, flat, vocab_size)
     mask = build_attention_mask(batch["cu_seqlens"], b, s)
     output = model(batch["tokens"], batch["position_ids"], mask)
     return output, partial(_loss_func, batch, vocab_size)
@@ -130,13 +154,17 @@ def run_global_batch(
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    micro_batch_size = micro_batches[0]["tokens"].shape[0]
+    if stack.transformer_impl == "transformer_engine":
+        # THD: each micro-batch travels between pipeline stages as one packed sequence.
+        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
     outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, vocab_size),
+        forward_step_func=partial(_forward_step, vocab_size, stack.transformer_impl),
         data_iterator=iter([_device_batch(mb) for mb in micro_batches]),
         model=[stack.ddp],
         num_microbatches=len(micro_batches),
         seq_length=seq_length,
-        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
     totals = torch.zeros(2, dtype=torch.float64)
