@@ -98,17 +98,29 @@ def _loss_func(batch: dict, vocab_size: int, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
-def _forward_step(vocab_size: int, data_iterator, model):
+def _forward_step(vocab_size: int, transformer_impl: str, data_iterator, model):
     """Packed rows -> vocab-parallel logits (last stage) or hidden states (other stages).
 
     Positions: megatron's RoPE numbers a row's tokens 0..s-1 rather than per sample; the
     per-sample mask keeps attention inside a sample, and RoPE scores depend only on
-    relative positions, so this equals restarting positions up to rounding.
+    relative positions, so this equals restarting positions up to rounding. The SDPA spec
+    takes the samples' boundaries (`cu_seqlens`) instead of the `[b, 1, s, s]` mask: on GPU
+    it attends within them with torch's varlen flash kernel.
     """
     batch = next(data_iterator)
     b, s = batch["tokens"].shape
-    mask = build_attention_mask(batch["cu_seqlens"], b, s)
-    output = model(batch["tokens"], batch["position_ids"], mask)
+    if transformer_impl == "sdpa":
+        from megatron_kaja.models.llama.sdpa import packed_seq_params
+
+        output = model(
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            packed_seq_params=packed_seq_params(batch["cu_seqlens"], s),
+        )
+    else:
+        mask = build_attention_mask(batch["cu_seqlens"], b, s)
+        output = model(batch["tokens"], batch["position_ids"], mask)
     return output, partial(_loss_func, batch, vocab_size)
 
 
@@ -126,7 +138,7 @@ def run_global_batch(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, vocab_size),
+        forward_step_func=partial(_forward_step, vocab_size, stack.transformer_impl),
         data_iterator=iter([_device_batch(mb) for mb in micro_batches]),
         model=[stack.ddp],
         num_microbatches=len(micro_batches),
@@ -170,7 +182,7 @@ def evaluate(stack, dataset, layout: ParallelLayout, cfg: SFTConfig, vocab_size:
     with torch.no_grad():
         for _ in range(steps):
             s, n = run_global_batch(
-                stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True
+                stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True, vocab_size
             )
             loss_sum, tokens = loss_sum + s, tokens + n
     stack.ddp.train()
