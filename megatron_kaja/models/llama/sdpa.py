@@ -84,7 +84,9 @@ class SDPAttention(MegatronModule):
         # Query-key layer scaling divides the scores by layer_number and the softmax multiplies
         # them back (an fp16 overflow guard); the product is 1/sqrt(d), which SDPA applies.
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if attention_dropout is None:
+            attention_dropout = config.attention_dropout
+        self.dropout_p = attention_dropout
 
     def forward(
         self,
