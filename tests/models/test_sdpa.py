@@ -157,6 +157,22 @@ def test_no_mask_is_causal_attention(megatron_world):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
 
 
+def test_left_padded_rows_stay_finite_and_equal_local(megatron_world):
+    """The sampler's mask hides left padding: padding queries attend nothing at all."""
+    from megatron_kaja.rl.sampler import causal_padding_mask
+
+    local, sdpa = _pair(_arch("gqa"))
+    valid = torch.ones(ROWS, SEQ, dtype=torch.bool)
+    valid[0, :6] = False  # row 0: a prompt left-padded by 6
+    mask = causal_padding_mask(valid)
+    ref_logits, _ = _forward_backward(local, attention_mask=mask)
+    logits, grads = _forward_backward(sdpa, attention_mask=mask)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[valid], ref_logits[valid], rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+
+
 def test_no_attention_across_packed_samples(megatron_world):
     """Changing one sample's tokens changes no other sample's logits."""
     from megatron_kaja.models.llama.sdpa import packed_seq_params

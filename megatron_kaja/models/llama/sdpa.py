@@ -117,7 +117,14 @@ class SDPAttention(MegatronModule):
     def _sdpa(self, query, key, value, attention_mask, causal: bool, dropout_p: float):
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        allowed = None if attention_mask is None else ~attention_mask
+        allowed = None
+        if attention_mask is not None:
+            allowed = ~attention_mask
+            # A query that may attend nothing (a left-padding position) is NaN under kernels
+            # without a safe softmax (torch's CPU path returns 0), and a NaN value poisons
+            # every later query through P @ V even where its weight is 0. Megatron's local
+            # softmax spreads such a row over all keys; attending everywhere is finite too.
+            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
         gqa = self.heads_per_partition != self.groups_per_partition
         # With an explicit mask torch runs the memory-efficient kernel, which (unlike flash and
         # math) may not take `enable_gqa`: expand KV there rather than fall back to math.
