@@ -3,7 +3,7 @@
 
     python tools/convert_checkpoint.py hf-to-mcore --hf-dir HF --out MC \\
         [--format torch_dist|legacy] [--target-tensor-parallel-size N] \\
-        [--target-pipeline-parallel-size M] [--transformer-impl local|transformer_engine]
+        [--target-pipeline-parallel-size M] [--transformer-impl local|sdpa|transformer_engine]
     python tools/convert_checkpoint.py mcore-to-hf --mcore-dir MC --out HF2 [--hf-template HF]
 """
 

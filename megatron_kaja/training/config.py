@@ -57,7 +57,7 @@ class SFTConfig(BaseModel):
     pipeline_model_parallel_size: int = Field(default=1, gt=0)
     recompute_activations: bool = False
     recompute_granularity: Literal["full", "selective"] | None = None
-    transformer_impl: Literal["local", "transformer_engine"] | None = None
+    transformer_impl: Literal["local", "sdpa", "transformer_engine"] | None = None
     # checkpoints, evaluation, logging
     save: Path | None = None
     save_interval: int | None = Field(default=None, gt=0)

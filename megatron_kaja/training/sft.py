@@ -121,10 +121,13 @@ def _packed_seq_params(batch: dict):
 def _forward_step(vocab_size: int, transformer_impl: str, data_iterator, model):
     """Packed rows -> vocab-parallel logits (last stage) or hidden states (other stages).
 
-    Local / SDPA specs get a per-sample causal mask `[b, 1, s, s]`; there megatron's RoPE
-    numbers a row's tokens 0..s-1 rather than per sample, which equals restarting positions
-    up to rounding (attention stays inside a sample and RoPE scores depend only on relative
-    positions). The transformer-engine spec gets the THD layout instead.
+    - transformer-engine: the THD layout (rows flattened into one packed sequence).
+    - sdpa: the samples' boundaries (`cu_seqlens`); on GPU torch's varlen flash kernel
+      attends within them.
+    - local: a per-sample causal mask `[b, 1, s, s]`.
+    Outside THD, megatron's RoPE numbers a row's tokens 0..s-1 rather than per sample; as
+    attention stays inside a sample and RoPE scores depend only on relative positions, this
+    equals restarting positions up to rounding.
     """
     batch = next(data_iterator)
     b, s = batch["tokens"].shape
@@ -136,8 +139,18 @@ def _forward_step(vocab_size: int, transformer_impl: str, data_iterator, model):
             flat["tokens"], flat["position_ids"], None, packed_seq_params=_packed_seq_params(batch)
         )
         return output, partial(_loss_func, flat, vocab_size)
-    mask = build_attention_mask(batch["cu_seqlens"], b, s)
-    output = model(batch["tokens"], batch["position_ids"], mask)
+    if transformer_impl == "sdpa":
+        from megatron_kaja.models.llama.sdpa import packed_seq_params
+
+        output = model(
+            batch["tokens"],
+            batch["position_ids"],
+            None,
+            packed_seq_params=packed_seq_params(batch["cu_seqlens"], s),
+        )
+    else:
+        mask = build_attention_mask(batch["cu_seqlens"], b, s)
+        output = model(batch["tokens"], batch["position_ids"], mask)
     return output, partial(_loss_func, batch, vocab_size)
 
 
@@ -203,7 +216,7 @@ def evaluate(stack, dataset, layout: ParallelLayout, cfg: SFTConfig, vocab_size:
     with torch.no_grad():
         for _ in range(steps):
             s, n = run_global_batch(
-                stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True
+                stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True, vocab_size
             )
             loss_sum, tokens = loss_sum + s, tokens + n
     stack.ddp.train()

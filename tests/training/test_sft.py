@@ -81,6 +81,7 @@ def runs(sft_setup, tiny_hf_dir, tmp_path_factory):
     a = lambda name, *extra: _args(sft_setup, tiny_hf_dir, out / name, *extra)  # noqa: E731
     single = [
         a("tp1", "--save", str(out / "tp1")),
+        a("sdpa", "--transformer-impl", "sdpa"),
         a("part1", "--save", str(out / "resumed"), "--exit-interval", "4"),
         [*a("resumed", "--save", str(out / "resumed"))[2:], "--load", str(out / "resumed")],
     ]
@@ -114,6 +115,15 @@ def test_parallel_layouts_match_single_process(runs, name):
         torch.tensor(_losses(runs, name)), torch.tensor(reference), rtol=1e-5, atol=0
     )
     assert reference[-1] < reference[0]  # it learns
+
+
+@pytest.mark.slow
+def test_sdpa_spec_losses_equal_local(runs):
+    """`--transformer-impl sdpa` (cu_seqlens -> SDPA) trains like the local spec (bool mask)."""
+    local, sdpa = _losses(runs, "tp1"), _losses(runs, "sdpa")
+    assert len(sdpa) == STEPS
+    assert sdpa[0] == pytest.approx(local[0], rel=1e-6)
+    torch.testing.assert_close(torch.tensor(sdpa), torch.tensor(local), rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow

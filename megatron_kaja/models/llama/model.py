@@ -5,16 +5,17 @@ from __future__ import annotations
 from megatron_kaja.extras import is_available, require
 from megatron_kaja.models.llama.config import LlamaArch, padded_vocab_size, transformer_config
 
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
+TRANSFORMER_IMPLS = ("local", "sdpa", "transformer_engine")
 
 
 def default_transformer_impl() -> str:
-    """transformer-engine on a GPU machine that has it; megatron-core's local spec otherwise."""
+    """transformer-engine on a GPU machine that has it, else the SDPA spec on GPU (flash /
+    memory-efficient kernels); megatron-core's local spec on CPU."""
     import torch
 
-    if torch.cuda.is_available() and is_available("transformer_engine"):
-        return "transformer_engine"
-    return "local"
+    if not torch.cuda.is_available():
+        return "local"
+    return "transformer_engine" if is_available("transformer_engine") else "sdpa"
 
 
 def layer_spec(transformer_impl: str = "local"):
@@ -23,6 +24,10 @@ def layer_spec(transformer_impl: str = "local"):
 
     if transformer_impl == "local":
         return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if transformer_impl == "sdpa":
+        from megatron_kaja.models.llama.sdpa import sdpa_layer_spec
+
+        return sdpa_layer_spec()
     if transformer_impl == "transformer_engine":
         require("transformer_engine", "the transformer-engine layer spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()

@@ -162,21 +162,18 @@ OUTPUT_LAYER = TensorMapping(
 GLOBAL_MAPPINGS = (EMBEDDING, FINAL_NORM, OUTPUT_LAYER)
 
 # Linear modules that carry an `_extra_state` entry in a GPTModel state dict (FP8 metadata
-# under transformer-engine; None under the local spec).
+# under transformer-engine; None under the local spec). The SDPA spec is the local spec with a
+# stateless core attention, so its state dict is the local spec's.
+_LOCAL_EXTRA_STATE_MODULES = (
+    "self_attention.linear_proj",
+    "self_attention.linear_qkv",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
 LAYER_EXTRA_STATE_MODULES = {
-    "local": (
-        "self_attention.linear_proj",
-        "self_attention.linear_qkv",
-        "mlp.linear_fc1",
-        "mlp.linear_fc2",
-    ),
-    "transformer_engine": (
-        "self_attention.core_attention",
-        "self_attention.linear_proj",
-        "self_attention.linear_qkv",
-        "mlp.linear_fc1",
-        "mlp.linear_fc2",
-    ),
+    "local": _LOCAL_EXTRA_STATE_MODULES,
+    "sdpa": _LOCAL_EXTRA_STATE_MODULES,
+    "transformer_engine": ("self_attention.core_attention", *_LOCAL_EXTRA_STATE_MODULES),
 }
 
 
