@@ -278,8 +278,12 @@ def plan_grpo(cfg) -> int:
     report.add(f"reward: {judge}; the judge is not contacted by a dry run")
     prompt_files = [("--prompts", spec.rpartition(":")[0]) for spec in cfg.prompts]
     report.check_files(
-        [("--load", cfg.load), ("--ref-load", cfg.ref_load), ("--tokenizer", cfg.tokenizer)]
-        + prompt_files
+        [
+            ("--load", cfg.load),
+            ("--ref-load", cfg.ref_load),
+            ("--tokenizer", cfg.tokenizer),
+            *prompt_files,
+        ]
     )
     report.check_tokenizer(cfg.tokenizer, arch)
     layout = TrainingLayout(
