@@ -66,9 +66,19 @@ resume_load() {
   if [[ -f "$1/latest_checkpointed_iteration.txt" ]]; then echo "$1"; else echo "$2"; fi
 }
 
+# signal_workers NODES: SIGTERM to the training processes themselves (the children of
+# torchrun) on the first NODES nodes. Not to torchrun: it would forward the signal and
+# SIGKILL its workers 30 s later, before a 13B checkpoint is saved.
+signal_workers() {
+  # shellcheck disable=SC2016  # the command substitution runs on each node
+  srun --overlap --nodes="$1" --ntasks="$1" --ntasks-per-node=1 \
+    --nodelist="$(job_nodes | head -n "$1" | paste -sd,)" \
+    bash -c 'pkill -TERM -P "$(pgrep -d, -u "$USER" -x torchrun)"' || true
+}
+
 # run_trainer NODES SCRIPT ARGS...: torchrun on NODES nodes (the first NODES of the job),
 # rendezvous at the first one. SIGTERM (preemption, `--signal=B:TERM@120`) is forwarded to
-# every trainer process, which saves a checkpoint and exits; the job is then requeued.
+# every training process, which saves a checkpoint and exits; the job is then requeued.
 run_trainer() {
   local nodes=$1 script=$2
   shift 2
@@ -81,7 +91,8 @@ run_trainer() {
     "$REPO/$script" "$@" --nnodes "$nodes" --nproc-per-node "$GPUS_PER_NODE" \
     >"$LOG_DIR/train.log" 2>&1 &
   TRAINER_PID=$!
-  trap 'log "SIGTERM: asking the trainer to save and exit"; kill -TERM "$TRAINER_PID"' TERM
+  TRAINER_NODES=$nodes
+  trap 'log "SIGTERM: asking the trainer to save and exit"; signal_workers "$TRAINER_NODES"' TERM
   local status=0
   wait "$TRAINER_PID" || status=$?
   # `wait` returns early when a trapped signal arrives: wait again for the save to finish.
