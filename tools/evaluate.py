@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_kaja.eval import KINDS, EvalConfig, compare_runs, run_evaluation
+from megatron_kaja.recipe import dry_run_result, expand_config, report_files
 
 
 def _kind_path(value: str) -> tuple[str, str]:
@@ -31,6 +32,9 @@ def _kind_path(value: str) -> tuple[str, str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="YAML recipe of these flags; flags given here win")
+    p.add_argument("--dry-run", action="store_true", help="check settings and files, then exit")
+    p.add_argument("--allow-missing-files", action="store_true", help="dry run: list, not fail")
     p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs")
     data = p.add_argument_group("answers")
@@ -65,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bootstrap-samples", type=int, default=1000)
     p.add_argument("--chunk-size", type=int, default=32, help="samples per persisted step")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    return p.parse_args(expand_config(sys.argv[1:] if argv is None else list(argv)))
 
 
 def main(argv=None) -> int:
@@ -100,6 +104,16 @@ def main(argv=None) -> int:
         bootstrap_samples=args.bootstrap_samples,
         seed=args.seed,
     )
+    if args.dry_run:
+        print("dry run: tools/evaluate.py (no model is loaded, the judge is not contacted)")
+        print(f"answers: {cfg.gen_backend} {cfg.model}; judge: {cfg.judge_backend} "
+              f"{cfg.judge_model} at {cfg.judge_base_url} ({cfg.judge_mode})")  # fmt: skip
+        missing = report_files(
+            [("--model", cfg.model)]
+            + [(f"--dataset {k}=", path) for k, path in cfg.datasets.items()]
+            + [(f"--predictions {k}=", path) for k, path in cfg.predictions.items()]
+        )
+        return dry_run_result(missing, args.allow_missing_files)
     report = run_evaluation(cfg)
     for kind, metrics in report["datasets"].items():
         print(kind, {k: v["value"] for k, v in metrics.items() if isinstance(v, dict)})

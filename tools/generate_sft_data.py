@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_kaja.inference import backend_names
+from megatron_kaja.recipe import dry_run_result, expand_config, report_files
 from megatron_kaja.synth import QualityConfig, SeedFile, SynthConfig, run_synthesis
 from megatron_kaja.synth.templates import KINDS
 
@@ -43,6 +44,9 @@ def _kind_file(value: str) -> tuple[str, str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="YAML recipe of these flags; flags given here win")
+    p.add_argument("--dry-run", action="store_true", help="check settings and files, then exit")
+    p.add_argument("--allow-missing-files", action="store_true", help="dry run: list, not fail")
     p.add_argument("--seeds", nargs="+", type=_seed_file, required=True, metavar="PATH:KIND")
     p.add_argument("--out", required=True, help="output JSONL (resumed if it exists)")
     count = p.add_mutually_exclusive_group(required=True)
@@ -82,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     quality.add_argument("--max-answer-chars", type=int, default=defaults.max_answer_chars)
     quality.add_argument("--min-japanese-ratio", type=float, default=defaults.min_japanese_ratio)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p.parse_args(expand_config(sys.argv[1:] if argv is None else list(argv)))
 
 
 def main(argv=None) -> int:
@@ -122,6 +126,17 @@ def main(argv=None) -> int:
         quality=quality,
         progress=not args.no_progress,
     )
+    if args.dry_run:
+        print("dry run: tools/generate_sft_data.py (no request is sent)")
+        count = f"target {cfg.target_count}" if cfg.target_count else f"{cfg.samples_per_seed}/seed"
+        print(f"teacher: {cfg.backend} {cfg.model} at {cfg.base_url}; {count} pairs; "
+              f"concurrency {cfg.concurrency}; T={cfg.temperature} top-p {cfg.top_p}")  # fmt: skip
+        missing = report_files(
+            [("--seeds", s.path) for s in cfg.seeds]
+            + [("--template", path) for path in cfg.templates.values()]
+            + [("--decontaminate", path) for path in cfg.decontaminate]
+        )
+        return dry_run_result(missing, args.allow_missing_files)
     summary = run_synthesis(cfg)
     print(json.dumps({k: summary[k] for k in ("accepted", "rejected_total", "requests")}))
     if summary["this_run"]["failed"]:

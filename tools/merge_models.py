@@ -15,6 +15,7 @@ import sys
 from megatron_kaja.merge import MergeInputError, load_merge_config, merge_method_names, run_merge
 from megatron_kaja.merge.config import merge_config_from_flags
 from megatron_kaja.merge.evaluation import check_evaluate_tool, evaluate_merged
+from megatron_kaja.recipe import dry_run_result, report_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe, list inputs, exit")
+    p.add_argument("--allow-missing-files", action="store_true", help="dry run: list, not fail")
     p.add_argument(
         "--evaluate",
         nargs=argparse.REMAINDER,
@@ -74,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                 out_dtype=args.out_dtype,
                 hf_template=args.hf_template,
             )
+        if args.dry_run:
+            print(f"dry run: tools/merge_models.py ({config.merge_method}, nothing is written)")
+            inputs = [("base_model", config.base_model)]
+            inputs += [("models[].model", m.model) for m in config.models]
+            return dry_run_result(report_files(inputs), args.allow_missing_files)
         run_merge(config, args.out, args.max_shard_size, progress=not args.no_progress)
     except (MergeInputError, ValueError, FileNotFoundError) as exc:
         print(f"merge_models: error: {exc}", file=sys.stderr)

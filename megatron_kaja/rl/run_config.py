@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.training.launch import LaunchSettings
 
 
-class GRPORunConfig(BaseModel):
+class GRPORunConfig(LaunchSettings):
     """Every setting of a `train_grpo.py` run (field names are the flags without dashes)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -28,6 +29,7 @@ class GRPORunConfig(BaseModel):
     # algorithm (GRPOConfig)
     num_generations: int = 8
     max_new_tokens: int = 512
+    max_prompt_length: int = Field(default=512, gt=0)  # longer prompts are skipped (counted)
     temperature: float = 1.0
     top_p: float = 1.0
     beta: float = 0.04

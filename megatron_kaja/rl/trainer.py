@@ -31,18 +31,30 @@ from megatron_kaja.training.sft import _SigtermFlag, resolve_model_source
 logger = logging.getLogger("megatron_kaja.grpo")
 
 
-def load_prompts(specs: list[str], tokenizer) -> list[PromptRecord]:
-    """Read `PATH:KIND` prompt files (AnswerCarefully / instructions / ELYZA schemas)."""
-    prompts = []
+def load_prompts(
+    specs: list[str], tokenizer, max_prompt_length: int | None = None
+) -> list[PromptRecord]:
+    """Read `PATH:KIND` prompt files (AnswerCarefully / instructions / ELYZA schemas).
+
+    Prompts longer than `max_prompt_length` tokens are skipped and counted in the log: the
+    bound is what the memory plan (rollout KV cache, training sequence) was made for.
+    """
+    prompts, too_long = [], 0
     for spec in specs:
         path, _, kind = spec.rpartition(":")
         for location, record in read_records(DataSource(path=path)):
             if not isinstance(record, dict):
                 raise DataFormatError(f"{location}: a prompt record is a JSON object")
             try:
-                prompts.append(prompt_record(tokenizer, record, kind))
+                prompt = prompt_record(tokenizer, record, kind)
             except ValueError as exc:
                 raise DataFormatError(f"{location}: {exc}") from None
+            if max_prompt_length is not None and len(prompt.prompt_ids) > max_prompt_length:
+                too_long += 1
+                continue
+            prompts.append(prompt)
+    if too_long:
+        logger.warning("skipped %d prompts longer than --max-prompt-length", too_long)
     if not prompts:
         raise DataFormatError(f"--prompts {' '.join(specs)}: no prompts")
     return prompts
@@ -153,6 +165,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     from transformers import AutoTokenizer
 
     layout = initialize_model_parallel(cfg.tensor_model_parallel_size, 1, seed=cfg.seed)
+    cfg.check_launched_world(layout.world_size)
     dp = layout.data_parallel_size
     if cfg.global_batch_size % (cfg.num_generations * dp):
         raise ConfigError(
@@ -162,9 +175,11 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     grpo = cfg.grpo_config()
     per_rank = grpo.prompts_per_step // dp
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    prompts = load_prompts(cfg.prompts, tokenizer)  # errors name file and line, before compute
+    # errors name file and line, before compute
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
     reward_fn = tensor_parallel_shared(build_reward_fn(cfg))
     arch, ckpt_vocab, resume, weights = resolve_model_source(cfg, "grpo")
+    cfg.check_preset(arch, f"--load {cfg.load}")
     steps_per_epoch = max(1, len(prompts) // grpo.prompts_per_step)
     train_iters = cfg.train_iters or cfg.train_epochs * steps_per_epoch
     tp = cfg.tensor_model_parallel_size
@@ -298,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
     try:
-        train_grpo(load_config(argv, GRPORunConfig))
+        cfg = load_config(argv, GRPORunConfig)
+        if cfg.dry_run:
+            from megatron_kaja.training.launch import plan_grpo
+
+            return plan_grpo(cfg)
+        train_grpo(cfg)
     except (ConfigError, DataFormatError) as exc:
         logger.error("%s", exc)
         return 2

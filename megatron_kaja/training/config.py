@@ -14,12 +14,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from megatron_kaja.training.errors import ConfigError
+from megatron_kaja.training.launch import LaunchSettings
 
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the flag and the fix."""
+__all__ = ["ConfigError", "SFTConfig", "build_parser", "load_config"]
 
 
-class SFTConfig(BaseModel):
+class SFTConfig(LaunchSettings):
     """Every setting of a `pretrain_sft.py` run (field names are the flags without dashes)."""
 
     model_config = ConfigDict(extra="forbid")

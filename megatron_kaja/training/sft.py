@@ -230,8 +230,10 @@ def train(cfg: SFTConfig) -> dict:
     layout = initialize_model_parallel(
         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
     )
+    cfg.check_launched_world(layout.world_size)
     dp = cfg.check_world(layout.world_size)
     arch, ckpt_padded_vocab, resume, weights = resolve_model_source(cfg, "sft")
+    cfg.check_preset(arch, f"--load {cfg.load}")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     if len(tokenizer) > arch.vocab_size:
         raise ConfigError(
@@ -384,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     try:
+        if cfg.dry_run:
+            from megatron_kaja.training.launch import plan_sft
+
+            return plan_sft(cfg)
         train(cfg)
     except ConfigError as exc:
         logger.error("%s", exc)

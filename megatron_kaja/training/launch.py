@@ -1,0 +1,306 @@
+"""Launch facts shared by the trainers: the expected world, the architecture preset, and the
+`--dry-run` that checks a whole run (files, tokenizer, layout, memory) without a GPU.
+
+A dry run never initializes torch.distributed: the world size comes from `--world-size`,
+`--nnodes` x `--nproc-per-node`, or the torchrun / SLURM environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, Field, model_validator
+
+from megatron_kaja.models.llama.config import PRESETS, LlamaArch, check_parallel_layout
+from megatron_kaja.training.errors import ConfigError
+from megatron_kaja.training.memory import MemoryEstimate
+
+
+class LaunchSettings(BaseModel):
+    """Fields every trainer config inherits (flags `--dry-run`, `--model-preset`, ...)."""
+
+    dry_run: bool = False  # check everything, print layout + memory, exit; no GPU needed
+    allow_missing_files: bool = False  # dry run: list files absent here instead of failing
+    model_preset: str | None = None  # architecture when --load is not on this machine
+    world_size: int | None = Field(default=None, gt=0)  # expected number of processes
+    nnodes: int | None = Field(default=None, gt=0)
+    nproc_per_node: int | None = Field(default=None, gt=0)
+    gpu_memory_gb: float = Field(default=80.0, gt=0)  # dry run: memory per GPU, GiB
+
+    @model_validator(mode="after")
+    def _launch_consistent(self):
+        if self.model_preset is not None and self.model_preset not in PRESETS:
+            raise ValueError(
+                f"--model-preset {self.model_preset!r} is unknown; use one of {sorted(PRESETS)}"
+            )
+        if self.allow_missing_files and not self.dry_run:
+            raise ValueError("--allow-missing-files only applies to --dry-run")
+        if (self.nnodes is None) != (self.nproc_per_node is None):
+            raise ValueError("give --nnodes and --nproc-per-node together")
+        if self.world_size and self.nnodes and self.world_size != self.nnodes * self.nproc_per_node:
+            raise ValueError(
+                f"--world-size {self.world_size} != --nnodes {self.nnodes} x "
+                f"--nproc-per-node {self.nproc_per_node}"
+            )
+        return self
+
+    def expected_world_size(self) -> int | None:
+        if self.world_size:
+            return self.world_size
+        if self.nnodes:
+            return self.nnodes * self.nproc_per_node
+        return None
+
+    def check_launched_world(self, world_size: int) -> None:
+        """In a real run: the launched world must be the one the flags planned for."""
+        expected = self.expected_world_size()
+        if expected is not None and expected != world_size:
+            raise ConfigError(
+                f"launched with {world_size} processes, but --world-size / --nnodes x "
+                f"--nproc-per-node say {expected}"
+            )
+
+    def check_preset(self, arch: LlamaArch, source: str) -> None:
+        """In any run: a `--model-preset` must describe the checkpoint actually loaded."""
+        if self.model_preset is None:
+            return
+        preset = PRESETS[self.model_preset]
+        fields = ("hidden_size", "ffn_hidden_size", "num_layers", "num_attention_heads")
+        fields += ("num_query_groups", "vocab_size")
+        wrong = [f for f in fields if getattr(preset, f) != getattr(arch, f)]
+        if wrong:
+            raise ConfigError(
+                f"--model-preset {self.model_preset} does not match {source}: "
+                + ", ".join(f"{f} {getattr(preset, f)} vs {getattr(arch, f)}" for f in wrong)
+            )
+
+
+def world_size_for_plan(
+    settings: LaunchSettings, environ: Mapping[str, str] | None = None
+) -> tuple[int, str]:
+    """(world size, where it came from): flags, then torchrun's / SLURM's environment."""
+    environ = os.environ if environ is None else environ
+    if settings.world_size:
+        return settings.world_size, "--world-size"
+    if settings.nnodes:
+        return settings.nnodes * settings.nproc_per_node, (
+            f"--nnodes {settings.nnodes} x --nproc-per-node {settings.nproc_per_node}"
+        )
+    if "WORLD_SIZE" in environ:
+        return int(environ["WORLD_SIZE"]), "WORLD_SIZE (torchrun)"
+    if "SLURM_NTASKS" in environ:
+        return int(environ["SLURM_NTASKS"]), "SLURM_NTASKS"
+    if "SLURM_JOB_NUM_NODES" in environ and "SLURM_GPUS_ON_NODE" in environ:
+        nodes, gpus = int(environ["SLURM_JOB_NUM_NODES"]), int(environ["SLURM_GPUS_ON_NODE"])
+        return nodes * gpus, "SLURM_JOB_NUM_NODES x SLURM_GPUS_ON_NODE"
+    return 1, "default (give --world-size or --nnodes/--nproc-per-node)"
+
+
+def resolve_architecture(load: Path | None, settings: LaunchSettings) -> tuple[LlamaArch, str]:
+    """The architecture of `--load` when it is on this machine (a converted checkpoint, a
+    training run or an HF folder), else of `--model-preset`; they must agree when both are."""
+    from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
+    from megatron_kaja.training import checkpointing
+
+    if load is not None and Path(load).exists():
+        load = Path(load)
+        latest = checkpointing.latest_iteration(load)
+        if latest is not None:
+            arch = open_mcore_checkpoint(checkpointing.iteration_dir(load, latest)).arch
+            source = f"training run {load} (iteration {latest})"
+        elif (load / "config.json").is_file() and not (load / "megatron_kaja.json").is_file():
+            arch, source = LlamaArch.from_hf_config(load), f"HF config {load / 'config.json'}"
+        else:
+            arch, source = open_mcore_checkpoint(load).arch, f"checkpoint {load}"
+        settings.check_preset(arch, source)
+        return arch, source
+    if settings.model_preset is not None:
+        where = f"; --load {load} is not on this machine" if load is not None else ""
+        return PRESETS[settings.model_preset], f"preset {settings.model_preset}{where}"
+    raise ConfigError(
+        f"--load {load} is not on this machine: give --model-preset "
+        f"({', '.join(sorted(PRESETS))}) to plan the run from the architecture"
+    )
+
+
+class DryRunReport:
+    """Collects what a dry run found; missing files fail it unless allowed."""
+
+    def __init__(self, title: str, settings: LaunchSettings):
+        self.lines = [f"dry run: {title} (no GPU, no torch.distributed)"]
+        self.settings = settings
+        self.missing: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def check_files(self, entries: list[tuple[str, str | Path | None]]) -> None:
+        """`(flag, path)` pairs; hub ids count as missing (they cannot be checked offline)."""
+        self.add("files:")
+        for flag, path in entries:
+            if path is None:
+                continue
+            found = Path(path).exists()
+            self.add(f"  {flag} {path}: {'found' if found else 'NOT ON THIS MACHINE'}")
+            if not found:
+                self.missing.append(f"{flag} {path}")
+
+    def check_tokenizer(self, path: Path, arch: LlamaArch) -> None:
+        """Load a local tokenizer and check it fits the model's vocabulary."""
+        if not Path(path).exists():
+            return
+        from transformers import AutoTokenizer
+
+        try:
+            size = len(AutoTokenizer.from_pretrained(path))
+        except Exception as exc:  # any loading failure is a configuration error here
+            raise ConfigError(f"--tokenizer {path}: cannot be loaded ({exc})") from None
+        if size > arch.vocab_size:
+            raise ConfigError(f"--tokenizer has {size} tokens, the model only {arch.vocab_size}")
+        self.add(f"tokenizer: {size} tokens (model vocabulary {arch.vocab_size})")
+
+    def check_layout(self, arch: LlamaArch, tp: int, pp: int) -> None:
+        try:
+            check_parallel_layout(arch, tp, pp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def finish(self, estimate: MemoryEstimate) -> int:
+        """Print the report; 0 when everything checks out, 1 when it cannot run as planned."""
+        gb = self.settings.gpu_memory_gb
+        self.add(estimate.format(gb))
+        problems = []
+        if self.missing and not self.settings.allow_missing_files:
+            problems.append(
+                "missing: " + ", ".join(self.missing) + " (--allow-missing-files to plan anyway)"
+            )
+        if not estimate.fits(gb):
+            problems.append(f"the estimate does not fit in --gpu-memory-gb {gb:g}")
+        self.add("result: " + ("; ".join(problems) if problems else "OK"))
+        print("\n".join(self.lines))
+        return 1 if problems else 0
+
+
+def describe_arch(arch: LlamaArch, source: str) -> str:
+    return (
+        f"model: {source}: hidden {arch.hidden_size}, ffn {arch.ffn_hidden_size}, "
+        f"{arch.num_layers} layers, {arch.num_attention_heads} heads / "
+        f"{arch.num_query_groups} KV groups, vocab {arch.vocab_size}"
+    )
+
+
+def _recompute(granularity: str | None) -> str:
+    return granularity or "none"
+
+
+def plan_sft(cfg) -> int:
+    """`pretrain_sft.py --dry-run`: check the run as configured, print layout and memory."""
+    from megatron_kaja.data import parse_weighted_paths
+    from megatron_kaja.training.memory import TrainingLayout, estimate_memory
+
+    report = DryRunReport("pretrain_sft.py", cfg)
+    arch, source = resolve_architecture(cfg.load, cfg)
+    report.add(describe_arch(arch, source))
+    world, world_source = world_size_for_plan(cfg)
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    report.check_layout(arch, tp, pp)
+    dp = cfg.check_world(world)
+    accumulation = cfg.gradient_accumulation_steps(dp)
+    report.add(f"world: {world} processes ({world_source})")
+    report.add(
+        f"layout: TP={tp} x PP={pp} x DP={dp}; micro-batch {cfg.micro_batch_size} x "
+        f"{accumulation} accumulation steps x DP {dp} = global batch {cfg.global_batch_size} "
+        f"rows of {cfg.seq_length} tokens; recompute {_recompute(cfg.recompute_granularity)}; "
+        f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer; "
+        f"{'bf16' if cfg.bf16 else 'fp32'}"
+    )
+    data = [s.path for s in parse_weighted_paths(cfg.train_data)]
+    if cfg.valid_data:
+        data += [s.path for s in parse_weighted_paths(cfg.valid_data)]
+    report.check_files(
+        [("--load", cfg.load), ("--tokenizer", cfg.tokenizer)]
+        + [("--train-data/--valid-data", p) for p in data]
+        + [("--chat-template", cfg.chat_template)]
+    )
+    report.check_tokenizer(cfg.tokenizer, arch)
+    layout = TrainingLayout(
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        data_parallel=dp,
+        micro_batch_size=cfg.micro_batch_size,
+        seq_length=cfg.seq_length,
+        num_micro_batches=accumulation,
+        recompute=_recompute(cfg.recompute_granularity),
+        distributed_optimizer=cfg.use_distributed_optimizer,
+        bf16=cfg.bf16,
+        flash_attention=cfg.transformer_impl != "local",
+    )
+    return report.finish(estimate_memory(arch, layout))
+
+
+def plan_grpo(cfg) -> int:
+    """`train_grpo.py --dry-run`: check the run as configured, print layout and memory."""
+    from megatron_kaja.training.memory import TrainingLayout, estimate_grpo_memory
+
+    report = DryRunReport("train_grpo.py", cfg)
+    arch, source = resolve_architecture(cfg.load, cfg)
+    report.add(describe_arch(arch, source))
+    world, world_source = world_size_for_plan(cfg)
+    tp = cfg.tensor_model_parallel_size
+    report.check_layout(arch, tp, 1)
+    if world % tp:
+        raise ConfigError(f"{world} processes cannot hold --tensor-model-parallel-size {tp}")
+    dp = world // tp
+    grpo = cfg.grpo_config()
+    if cfg.global_batch_size % (cfg.num_generations * dp):
+        raise ConfigError(
+            f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
+            f"--num-generations {cfg.num_generations} x data-parallel size {dp}"
+        )
+    per_rank = cfg.global_batch_size // dp  # completions per DP rank and step
+    accumulation = -(-per_rank // cfg.micro_batch_size)
+    seq = cfg.max_prompt_length + cfg.max_new_tokens
+    report.add(f"world: {world} processes ({world_source})")
+    report.add(
+        f"layout: TP={tp} x DP={dp}; {grpo.prompts_per_step} prompts x {cfg.num_generations} "
+        f"generations = {cfg.global_batch_size} completions per step, {per_rank} per DP rank "
+        f"= micro-batch {cfg.micro_batch_size} x {accumulation} accumulation steps; sequences "
+        f"<= {cfg.max_prompt_length} prompt + {cfg.max_new_tokens} new tokens; "
+        f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer; "
+        f"{'bf16' if cfg.bf16 else 'fp32'}; reference model: "
+        f"{'yes (beta ' + str(cfg.beta) + ')' if cfg.beta > 0 else 'none (beta 0)'}"
+    )
+    judge = ", ".join(cfg.reward)
+    if any(s.partition(":")[0] == "judge" for s in cfg.reward):
+        judge += f" ({cfg.judge_backend} judge {cfg.judge_model} at {cfg.judge_base_url})"
+    report.add(f"reward: {judge}; the judge is not contacted by a dry run")
+    prompt_files = [("--prompts", spec.rpartition(":")[0]) for spec in cfg.prompts]
+    report.check_files(
+        [
+            ("--load", cfg.load),
+            ("--ref-load", cfg.ref_load),
+            ("--tokenizer", cfg.tokenizer),
+            *prompt_files,
+        ]
+    )
+    report.check_tokenizer(cfg.tokenizer, arch)
+    layout = TrainingLayout(
+        tensor_parallel=tp,
+        data_parallel=dp,
+        micro_batch_size=cfg.micro_batch_size,
+        seq_length=seq,
+        num_micro_batches=accumulation,
+        distributed_optimizer=cfg.use_distributed_optimizer,
+        bf16=cfg.bf16,
+    )
+    estimate = estimate_grpo_memory(
+        arch,
+        layout,
+        rollout_sequences=per_rank,
+        prompt_length=cfg.max_prompt_length,
+        max_new_tokens=cfg.max_new_tokens,
+        reference_model=cfg.beta > 0,
+    )
+    return report.finish(estimate)

@@ -1,0 +1,228 @@
+"""Per-GPU memory of a training layout: weights, gradients, optimizer states, activations.
+
+Static memory follows megatron-core's mixed-precision bookkeeping (Megatron-LM's
+docs/distrib_optimizer.md): bf16 weights (2 B/param) with fp32 main gradients (4 B/param,
+`grad_reduce_in_fp32`) and an fp32 master copy + Adam's two moments (12 B/param), i.e.
+18 B/param, or 6 + 12/DP B/param with the distributed optimizer, which shards the optimizer
+states over data-parallel ranks. In fp32: 4 + 4 + 8 (moments; the weights are the master).
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", Sec. 4), re-derived for the llm-jp-3 (Llama) block: RMSNorm, GQA,
+no biases, no dropout (llm-jp-3 trains with dropout 0, so none of the paper's dropout masks
+exist) and a SwiGLU MLP. Bytes stored for the backward of one layer and one micro-batch of
+b sequences of s tokens (h hidden, a heads, g KV groups, d head_dim, f ffn, t = TP), bf16:
+
+  outside the TP regions (sharded only with sequence parallelism):
+    2sbh  attention RMSNorm input      2sbh  QKV matmul input (norm output)
+    2sbh  MLP RMSNorm input            2sbh  fc1 matmul input (norm output)
+  inside the TP regions (divided by t):
+    2sb(ad) Q after RoPE + 4sb(gd) K, V + 2sb(ad) attention output (linear_proj input)
+    core attention: flash attention keeps the fp32 softmax statistics, 4sba; the unfused
+      path keeps the softmax probabilities, 2as^2b, and K, V expanded to a heads, 4sb(ad)
+    8sbf  SwiGLU: fc1 output (gate and up, 4sbf), silu(gate) (2sbf), silu(gate) * up
+          (the fc2 input, 2sbf)
+
+Selective recompute (the paper's Sec. 4.2: megatron recomputes the core attention) drops
+the core-attention terms. Full recompute (uniform, one layer per checkpoint) keeps each
+layer's input (2sbh) plus one layer's whole working set while it is recomputed. With the
+1F1B pipeline schedule stage i holds min(PP - i, micro-batches) micro-batches in flight
+(the paper's Sec. 4.2.3: the first stage holds PP of them). The last stage adds the final
+norm and output-layer inputs (2sbh each) and the fp32 softmax the vocab-parallel cross
+entropy keeps, 4sbV/t.
+
+Not counted: the CUDA context, NCCL buffers, allocator fragmentation and transient
+buffers (`fits` keeps `headroom` of the device for them), and the logits' bf16 copy, which
+is freed once the cross entropy has made its fp32 one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_kaja.models.llama.config import LlamaArch, check_parallel_layout, padded_vocab_size
+
+GIB = 1024**3
+Recompute = Literal["none", "selective", "full"]
+
+
+@dataclass(frozen=True)
+class TrainingLayout:
+    """How a run is split over GPUs and what one micro-batch is."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    data_parallel: int = 1
+    micro_batch_size: int = 1
+    seq_length: int = 4096
+    num_micro_batches: int = 1  # per optimizer step and DP rank (gradient accumulation)
+    recompute: Recompute = "none"
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    bf16: bool = True
+    flash_attention: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on the GPU that needs the most (the worst pipeline stage)."""
+
+    stage: int
+    params: int  # parameters held by this GPU (a count, not bytes)
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    extra: dict[str, int] = field(default_factory=dict)  # held all along (a reference model)
+    # Held only while the activations are not (GRPO's rollout KV cache): the peak takes the
+    # larger of the two phases.
+    other_phase: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        static = self.weights + self.gradients + self.optimizer + sum(self.extra.values())
+        return static + max(self.activations, sum(self.other_phase.values()))
+
+    def fits(self, gpu_memory_gb: float, headroom: float = 0.1) -> bool:
+        """Whether the total stays under `gpu_memory_gb` GiB less a `headroom` fraction
+        (kept for the CUDA context, NCCL buffers and allocator fragmentation)."""
+        return self.total <= gpu_memory_gb * GIB * (1 - headroom)
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [
+            ("weights", self.weights),
+            ("gradients (fp32 main grads)", self.gradients),
+            ("optimizer states", self.optimizer),
+            *self.extra.items(),
+            ("activations", self.activations),
+            *((f"{k} (not at once with activations)", v) for k, v in self.other_phase.items()),
+            ("total (peak)", self.total),
+        ]
+
+    def format(self, gpu_memory_gb: float | None = None) -> str:
+        lines = [f"memory per GPU (worst pipeline stage: {self.stage}; {self.params:,} params):"]
+        lines += [f"  {name:<48} {value / GIB:8.2f} GiB" for name, value in self.rows()]
+        if gpu_memory_gb is not None:
+            verdict = "fits" if self.fits(gpu_memory_gb) else "DOES NOT FIT"
+            lines.append(f"  {verdict} in {gpu_memory_gb:g} GiB (keeping 10% headroom)")
+        return "\n".join(lines)
+
+
+def layer_params(arch: LlamaArch, tensor_parallel: int = 1) -> int:
+    """Parameters of one decoder layer on one TP rank (the two RMSNorm weights replicated)."""
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    a, g = arch.num_attention_heads, arch.num_query_groups
+    matrices = h * (a + 2 * g) * d + a * d * h + 3 * h * f  # qkv, proj, fc1 (gate+up), fc2
+    return matrices // tensor_parallel + 2 * h
+
+
+def stage_params(arch: LlamaArch, layout: TrainingLayout, stage: int) -> int:
+    """Parameters held by one GPU of pipeline stage `stage` (untied embeddings)."""
+    t, p = layout.tensor_parallel, layout.pipeline_parallel
+    vocab = padded_vocab_size(arch.vocab_size, t)
+    count = arch.num_layers // p * layer_params(arch, t)
+    if stage == 0:
+        count += vocab * arch.hidden_size // t  # word embeddings
+    if stage == p - 1:
+        count += vocab * arch.hidden_size // t + arch.hidden_size  # output layer + final norm
+    return count
+
+
+def layer_activation_bytes(
+    arch: LlamaArch, layout: TrainingLayout, recompute: Recompute | None = None
+) -> int:
+    """Bytes one decoder layer keeps for backward, for one micro-batch (module docstring)."""
+    recompute = layout.recompute if recompute is None else recompute
+    s, b, t = layout.seq_length, layout.micro_batch_size, layout.tensor_parallel
+    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    a, g = arch.num_attention_heads, arch.num_query_groups
+    outside_tp = 8 * s * b * h
+    if layout.sequence_parallel:
+        outside_tp //= t
+    if recompute == "full":
+        return outside_tp // 4  # the layer input (the attention norm's input) only
+    inside_tp = 2 * s * b * a * d + 4 * s * b * g * d + 2 * s * b * a * d + 8 * s * b * f
+    if recompute != "selective":
+        if layout.flash_attention:
+            inside_tp += 4 * s * b * a  # fp32 log-sum-exp per row and head
+        else:
+            inside_tp += 2 * a * s * s * b + 4 * s * b * (a - g) * d  # probs, K/V expansion
+    return outside_tp + inside_tp // t
+
+
+def stage_activation_bytes(arch: LlamaArch, layout: TrainingLayout, stage: int) -> int:
+    """Activation bytes pipeline stage `stage` holds at its peak (1F1B schedule)."""
+    s, b, t = layout.seq_length, layout.micro_batch_size, layout.tensor_parallel
+    p = layout.pipeline_parallel
+    layers = arch.num_layers // p
+    in_flight = min(p - stage, layout.num_micro_batches)
+    per_micro = layers * layer_activation_bytes(arch, layout)
+    total = in_flight * per_micro
+    if layout.recompute == "full":
+        # One layer is recomputed at a time, with everything it would otherwise have kept.
+        total += layer_activation_bytes(arch, layout, "none")
+    if stage == p - 1:
+        hidden = 2 * s * b * arch.hidden_size
+        if layout.sequence_parallel:
+            hidden //= t
+        vocab = padded_vocab_size(arch.vocab_size, t)
+        total += 2 * hidden + 4 * s * b * vocab // t  # final norm + output layer inputs, softmax
+    return total
+
+
+def estimate_stage(arch: LlamaArch, layout: TrainingLayout, stage: int) -> MemoryEstimate:
+    params = stage_params(arch, layout, stage)
+    weight_bytes = 2 if layout.bf16 else 4
+    optimizer_bytes = 12 if layout.bf16 else 8  # (fp32 master +) Adam's exp_avg, exp_avg_sq
+    optimizer = params * optimizer_bytes
+    if layout.distributed_optimizer:
+        optimizer = -(-optimizer // layout.data_parallel)
+    return MemoryEstimate(
+        stage=stage,
+        params=params,
+        weights=params * weight_bytes,
+        gradients=params * 4,
+        optimizer=optimizer,
+        activations=stage_activation_bytes(arch, layout, stage),
+    )
+
+
+def estimate_memory(arch: LlamaArch, layout: TrainingLayout) -> MemoryEstimate:
+    """The estimate of the pipeline stage that needs the most memory."""
+    check_parallel_layout(arch, layout.tensor_parallel, layout.pipeline_parallel)
+    stages = [estimate_stage(arch, layout, i) for i in range(layout.pipeline_parallel)]
+    return max(stages, key=lambda e: e.total)
+
+
+def kv_cache_bytes(arch: LlamaArch, sequences: int, tokens: int, tensor_parallel: int) -> int:
+    """bf16 KV cache of `sequences` x `tokens` for the whole model on one TP rank."""
+    per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * 2
+    return sequences * tokens * per_token // tensor_parallel
+
+
+def estimate_grpo_memory(
+    arch: LlamaArch,
+    layout: TrainingLayout,
+    *,
+    rollout_sequences: int,
+    prompt_length: int,
+    max_new_tokens: int,
+    reference_model: bool,
+) -> MemoryEstimate:
+    """The GRPO step's peak: the training estimate (sequences of prompt + response), the
+    frozen reference model's weights (TP-sharded, not DP-sharded), and the builtin sampler's
+    KV cache for this rank's rollouts (all generated at once, before the update's forward:
+    the cache and the training activations are never live together)."""
+    estimate = estimate_memory(arch, layout)
+    if reference_model:
+        estimate.extra["reference model"] = stage_params(arch, layout, 0) * (
+            2 if layout.bf16 else 4
+        )
+    estimate.other_phase["rollout KV cache"] = kv_cache_bytes(
+        arch, rollout_sequences, prompt_length + max_new_tokens, layout.tensor_parallel
+    )
+    return estimate

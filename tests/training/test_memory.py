@@ -1,0 +1,129 @@
+"""The memory estimator: hand-computed bytes for a small layout, and the properties that
+must hold for any model (TP shards weights, the distributed optimizer shards its states over
+DP, recompute lowers activations, the first pipeline stage holds the most micro-batches)."""
+
+import pytest
+
+from megatron_kaja.models.llama.config import PRESETS, LlamaArch
+from megatron_kaja.training.memory import (
+    TrainingLayout,
+    estimate_grpo_memory,
+    estimate_memory,
+    estimate_stage,
+    layer_activation_bytes,
+    stage_params,
+)
+
+SMALL = LlamaArch(
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_layers=4,
+    num_attention_heads=4,
+    num_query_groups=2,
+    vocab_size=256,
+    head_dim=16,
+)
+LAYOUT = TrainingLayout(
+    tensor_parallel=2,
+    pipeline_parallel=2,
+    data_parallel=2,
+    micro_batch_size=2,
+    seq_length=8,
+    num_micro_batches=4,
+    distributed_optimizer=True,
+)
+L13B = PRESETS["llm-jp-3-13b"]
+
+
+def test_small_layout_by_hand():
+    # One layer on a TP rank: (qkv 64*(4+2*2)*16 + proj 64*64 + fc1/fc2 3*64*128) / 2 + norms 2*64
+    assert stage_params(SMALL, LAYOUT, 0) == 2 * 18560 + 256 * 64 // 2
+    assert stage_params(SMALL, LAYOUT, 1) == 2 * 18560 + 256 * 64 // 2 + 64
+    # s*b = 16 tokens: 8 sbh outside TP + (Q 2sbh + K,V 4sb*gd + O 2sbh + 8sbf + lse 4sba) / 2
+    assert layer_activation_bytes(SMALL, LAYOUT) == 8192 + (2048 + 2048 + 2048 + 16384 + 256) // 2
+    first = estimate_stage(SMALL, LAYOUT, 0)
+    assert (first.weights, first.gradients, first.optimizer) == (90624, 181248, 271872)
+    assert first.activations == 2 * 2 * 19584  # 2 micro-batches in flight x 2 layers
+    last = estimate_stage(SMALL, LAYOUT, 1)
+    # 1 micro-batch x 2 layers + final norm / output layer inputs + fp32 softmax 4 s b V / t
+    assert last.activations == 2 * 19584 + 2 * 2048 + 4 * 16 * 256 // 2
+    worst = estimate_memory(SMALL, LAYOUT)
+    assert worst.stage == 0 and worst.total == 90624 + 181248 + 271872 + 78336
+
+
+def test_megatron_bytes_per_parameter():
+    """Megatron-LM's distrib_optimizer.md: bf16 params + fp32 grads = 18 B/param, or
+    6 + 12/d with the distributed optimizer; fp32 = 16, or 8 + 8/d."""
+    for bf16, replicated, sharded in ((True, 18, 6 + 12 / 4), (False, 16, 8 + 8 / 4)):
+        base = TrainingLayout(data_parallel=4, bf16=bf16)
+        plain = estimate_stage(L13B, base, 0)
+        dist = estimate_stage(L13B, TrainingLayout(data_parallel=4, bf16=bf16,
+                                                   distributed_optimizer=True), 0)  # fmt: skip
+        static = plain.weights + plain.gradients + plain.optimizer
+        assert static == replicated * plain.params
+        assert dist.weights + dist.gradients + dist.optimizer == pytest.approx(
+            sharded * plain.params, abs=4
+        )
+
+
+def test_tensor_parallel_halves_the_weights():
+    one = stage_params(L13B, TrainingLayout(tensor_parallel=1), 0)
+    two = stage_params(L13B, TrainingLayout(tensor_parallel=2), 0)
+    replicated_norms = 2 * L13B.hidden_size * L13B.num_layers + L13B.hidden_size
+    assert 2 * two - one == replicated_norms
+
+
+def test_distributed_optimizer_divides_states_by_data_parallel():
+    for dp in (1, 2, 4, 8):
+        plain = estimate_stage(L13B, TrainingLayout(data_parallel=dp), 0).optimizer
+        dist = TrainingLayout(data_parallel=dp, distributed_optimizer=True)
+        assert estimate_stage(L13B, dist, 0).optimizer == -(-plain // dp)
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_recompute_lowers_activations(flash):
+    def act(recompute):
+        layout = TrainingLayout(tensor_parallel=2, micro_batch_size=4, recompute=recompute,
+                                flash_attention=flash)  # fmt: skip
+        return estimate_memory(L13B, layout).activations
+
+    assert act("full") < act("selective") < act("none")
+
+
+def test_unfused_attention_keeps_the_quadratic_scores():
+    fused = layer_activation_bytes(L13B, TrainingLayout(seq_length=4096))
+    unfused = layer_activation_bytes(L13B, TrainingLayout(seq_length=4096, flash_attention=False))
+    a, s = L13B.num_attention_heads, 4096
+    assert unfused - fused == 2 * a * s * s - 4 * s * a  # probs replace the fp32 statistics
+
+
+def test_sequence_parallel_and_tensor_parallel_split_activations():
+    plain = layer_activation_bytes(L13B, TrainingLayout(tensor_parallel=1))
+    sp = layer_activation_bytes(L13B, TrainingLayout(tensor_parallel=4, sequence_parallel=True))
+    assert sp == plain // 4
+
+
+def test_first_pipeline_stage_holds_the_most_micro_batches():
+    layout = TrainingLayout(pipeline_parallel=4, num_micro_batches=8)
+    acts = [estimate_stage(L13B, layout, i).activations for i in range(4)]
+    assert acts[0] > acts[1] > acts[2]
+    # Fewer micro-batches than stages: no more in flight than exist.
+    few = TrainingLayout(pipeline_parallel=4, num_micro_batches=1)
+    assert estimate_stage(L13B, few, 0).activations == estimate_stage(L13B, few, 1).activations
+
+
+def test_grpo_peak_takes_the_larger_phase():
+    layout = TrainingLayout(tensor_parallel=2, data_parallel=4, micro_batch_size=8,
+                            seq_length=1024, num_micro_batches=16)  # fmt: skip
+    est = estimate_grpo_memory(L13B, layout, rollout_sequences=128, prompt_length=512,
+                               max_new_tokens=512, reference_model=True)  # fmt: skip
+    kv = est.other_phase["rollout KV cache"]
+    assert kv == 128 * 1024 * (2 * 40 * 40 * 128 * 2) // 2
+    assert est.extra["reference model"] == est.weights
+    static = est.weights + est.gradients + est.optimizer + est.extra["reference model"]
+    assert est.total == static + max(kv, est.activations)
+
+
+def test_layout_that_cannot_split_is_refused():
+    with pytest.raises(ValueError, match="num_hidden_layers 40 is not divisible"):
+        estimate_memory(L13B, TrainingLayout(pipeline_parallel=3))
