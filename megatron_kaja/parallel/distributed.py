@@ -51,13 +51,17 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     rank = _env_int("RANK", "SLURM_PROCID", default=0)
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    init_method = None  # torchrun / srun: MASTER_ADDR and MASTER_PORT from the environment
     if world_size == 1 and "MASTER_PORT" not in os.environ:
+        # A lone process (a converter, a plain `python pretrain_sft.py`) takes a free loopback
+        # port without writing it into os.environ, which child processes would inherit.
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            init_method = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    elif "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         backend = "nccl"
@@ -65,6 +69,7 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         backend = "gloo"
     dist.init_process_group(
         backend=backend,
+        init_method=init_method,
         rank=rank,
         world_size=world_size,
         timeout=timedelta(minutes=timeout_minutes),
