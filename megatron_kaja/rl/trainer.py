@@ -24,9 +24,10 @@ from megatron_kaja.rl.run_config import GRPORunConfig
 from megatron_kaja.rl.step import grpo_step
 from megatron_kaja.training import checkpointing
 from megatron_kaja.training.config import ConfigError
+from megatron_kaja.training.control import RunControl
 from megatron_kaja.training.metrics import MetricsWriter
 from megatron_kaja.training.setup import build_training_stack
-from megatron_kaja.training.sft import _SigtermFlag, resolve_model_source
+from megatron_kaja.training.sft import resolve_model_source
 
 logger = logging.getLogger("megatron_kaja.grpo")
 
@@ -236,7 +237,6 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     schedule = PromptSchedule(prompts, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id
     optimizer = _MegatronOptimizerStep(stack)
-    sigterm = _SigtermFlag(True)
     generator = torch.Generator()
     started = time.perf_counter()
     metrics: dict = {}
@@ -252,6 +252,12 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
             run_kind="grpo",
         )
 
+    control = RunControl(
+        train_iters=train_iters,
+        save=save if cfg.save else None,
+        save_interval=cfg.save_interval,
+        exit_interval=cfg.exit_interval,
+    )
     iteration = start
     while iteration < train_iters:
         lr = stack.optimizer.param_groups[0]["lr"]
@@ -291,16 +297,8 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
                     metrics["loss"], metrics["kl"], metrics["clip_frac"],
                     metrics["zero_variance_frac"], metrics["response_len_mean"], lr,
                 )  # fmt: skip
-        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
-            save(iteration)
-        exit_now = cfg.exit_interval is not None and iteration % cfg.exit_interval == 0
-        if sigterm.any_rank() or (exit_now and iteration < train_iters):
-            if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
-                save(iteration)
+        if control.after_step(iteration):
             break
-    else:
-        if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
-            save(iteration)
     writer.close()
     return metrics
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from megatron_kaja.models.llama.forward import token_losses
 from megatron_kaja.parallel.distributed import ParallelLayout, initialize_model_parallel
 from megatron_kaja.training import checkpointing
 from megatron_kaja.training.config import ConfigError, SFTConfig
+from megatron_kaja.training.control import RunControl
 from megatron_kaja.training.metrics import (
     MetricsWriter,
     Throughput,
@@ -35,23 +35,6 @@ from megatron_kaja.training.metrics import (
 from megatron_kaja.training.setup import build_training_stack
 
 logger = logging.getLogger("megatron_kaja.train")
-
-
-class _SigtermFlag:
-    """Set when SIGTERM arrives (cluster preemption): the loop saves and exits cleanly."""
-
-    def __init__(self, install: bool):
-        self.received = False
-        if install:
-            signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([int(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _rank0_first(fn):
@@ -306,7 +289,6 @@ def train(cfg: SFTConfig) -> dict:
     flops_per_token = training_flops_per_token(arch, cfg.seq_length)
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     throughput = Throughput(train_iters, start)
-    sigterm = _SigtermFlag(cfg.exit_signal_handler)
     accumulation = cfg.gradient_accumulation_steps(dp)
     sampler_iter = iter(sampler)
     record: dict = {}
@@ -323,6 +305,13 @@ def train(cfg: SFTConfig) -> dict:
             optimizer_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
         )
 
+    control = RunControl(
+        train_iters=train_iters,
+        save=save if cfg.save else None,
+        save_interval=cfg.save_interval,
+        exit_interval=cfg.exit_interval,
+        handle_sigterm=cfg.exit_signal_handler,
+    )
     iteration = start
     while iteration < train_iters:
         lr = stack.optimizer.param_groups[0]["lr"]
@@ -358,18 +347,10 @@ def train(cfg: SFTConfig) -> dict:
             writer.log({"step": iteration, "valid_loss": valid_loss})
             if is_writer:
                 logger.info("step %d | valid loss %.4f", iteration, valid_loss)
-        if cfg.save and cfg.save_interval and iteration % cfg.save_interval == 0:
-            save(iteration)
-        exit_now = cfg.exit_interval is not None and iteration % cfg.exit_interval == 0
-        if sigterm.any_rank() or (exit_now and iteration < train_iters):
-            if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
-                save(iteration)
-            if is_writer:
+        if control.after_step(iteration):
+            if is_writer and iteration < train_iters:
                 logger.info("exiting at iteration %d (SIGTERM or --exit-interval)", iteration)
             break
-    else:
-        if cfg.save and not (cfg.save_interval and iteration % cfg.save_interval == 0):
-            save(iteration)
     writer.close()
     return record
 
