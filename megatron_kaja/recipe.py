@@ -76,3 +76,12 @@ def dry_run_result(missing: list[str], allow_missing: bool) -> int:
         return 1
     print("result: OK")
     return 0
+
+
+def add_recipe_arguments(parser) -> None:
+    """`--config RECIPE.yaml`, `--dry-run` and `--allow-missing-files` for a tool's parser."""
+    parser.add_argument("--config", help="YAML recipe of these flags; flags given here win")
+    parser.add_argument("--dry-run", action="store_true", help="check settings and files, exit")
+    parser.add_argument(
+        "--allow-missing-files", action="store_true", help="dry run: list missing files, not fail"
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_kaja.eval import KINDS, EvalConfig, compare_runs, run_evaluation
-from megatron_kaja.recipe import dry_run_result, expand_config, report_files
+from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
 
 
 def _kind_path(value: str) -> tuple[str, str]:
@@ -32,9 +32,7 @@ def _kind_path(value: str) -> tuple[str, str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="YAML recipe of these flags; flags given here win")
-    p.add_argument("--dry-run", action="store_true", help="check settings and files, then exit")
-    p.add_argument("--allow-missing-files", action="store_true", help="dry run: list, not fail")
+    add_recipe_arguments(p)
     p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs")
     data = p.add_argument_group("answers")

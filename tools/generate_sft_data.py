@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_kaja.inference import backend_names
-from megatron_kaja.recipe import dry_run_result, expand_config, report_files
+from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
 from megatron_kaja.synth import QualityConfig, SeedFile, SynthConfig, run_synthesis
 from megatron_kaja.synth.templates import KINDS
 
@@ -44,9 +44,7 @@ def _kind_file(value: str) -> tuple[str, str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="YAML recipe of these flags; flags given here win")
-    p.add_argument("--dry-run", action="store_true", help="check settings and files, then exit")
-    p.add_argument("--allow-missing-files", action="store_true", help="dry run: list, not fail")
+    add_recipe_arguments(p)
     p.add_argument("--seeds", nargs="+", type=_seed_file, required=True, metavar="PATH:KIND")
     p.add_argument("--out", required=True, help="output JSONL (resumed if it exists)")
     count = p.add_mutually_exclusive_group(required=True)
