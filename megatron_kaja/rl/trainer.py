@@ -16,7 +16,7 @@ from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.data.readers import read_records
 from megatron_kaja.data.records import DataFormatError
 from megatron_kaja.data.sources import DataSource
-from megatron_kaja.models.llama.config import padded_vocab_size
+from megatron_kaja.models.llama.config import training_vocab_size
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.parallel.distributed import initialize_model_parallel
 from megatron_kaja.rl.rollout import PromptRecord, prompt_record
@@ -26,7 +26,7 @@ from megatron_kaja.training import checkpointing
 from megatron_kaja.training.config import ConfigError
 from megatron_kaja.training.control import RunControl
 from megatron_kaja.training.metrics import MetricsWriter
-from megatron_kaja.training.setup import build_training_stack
+from megatron_kaja.training.setup import build_training_stack, optimizer_settings
 from megatron_kaja.training.sft import resolve_model_source
 
 logger = logging.getLogger("megatron_kaja.grpo")
@@ -184,24 +184,11 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     steps_per_epoch = max(1, len(prompts) // grpo.prompts_per_step)
     train_iters = cfg.train_iters or cfg.train_epochs * steps_per_epoch
     tp = cfg.tensor_model_parallel_size
-    padded = (
-        ckpt_vocab
-        if ckpt_vocab and ckpt_vocab % tp == 0
-        else padded_vocab_size(arch.vocab_size, tp)
-    )
+    padded = training_vocab_size(arch, ckpt_vocab, tp)
     stack = build_training_stack(
         arch,
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
+        **optimizer_settings(cfg),
         train_iters=train_iters,
-        lr_warmup_iters=cfg.lr_warmup_iters,
-        lr_decay_style=cfg.lr_decay_style,
-        weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        clip_grad=cfg.clip_grad,
-        bf16=cfg.bf16,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
         padded_vocab_size=padded,
         per_token_loss=False,
     )

@@ -17,6 +17,26 @@ class TrainingStack:
     transformer_impl: str
 
 
+OPTIMIZER_FIELDS = (
+    "lr",
+    "min_lr",
+    "lr_warmup_iters",
+    "lr_decay_style",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "clip_grad",
+    "bf16",
+    "use_distributed_optimizer",
+)
+
+
+def optimizer_settings(cfg) -> dict:
+    """The optimizer / schedule keywords of `build_training_stack` from a run config (SFT's
+    or GRPO's: both name these fields as Megatron-LM's flags do)."""
+    return {name: getattr(cfg, name) for name in OPTIMIZER_FIELDS}
+
+
 def build_training_stack(
     arch: LlamaArch,
     *,

@@ -19,7 +19,7 @@ from megatron_kaja.data import (
     collate_packed_rows,
     parse_weighted_paths,
 )
-from megatron_kaja.models.llama.config import LlamaArch, padded_vocab_size
+from megatron_kaja.models.llama.config import LlamaArch, training_vocab_size
 from megatron_kaja.models.llama.forward import token_losses
 from megatron_kaja.parallel.distributed import ParallelLayout, initialize_model_parallel
 from megatron_kaja.training import checkpointing
@@ -32,7 +32,7 @@ from megatron_kaja.training.metrics import (
     format_log_line,
     training_flops_per_token,
 )
-from megatron_kaja.training.setup import build_training_stack
+from megatron_kaja.training.setup import build_training_stack, optimizer_settings
 
 logger = logging.getLogger("megatron_kaja.train")
 
@@ -240,24 +240,14 @@ def train(cfg: SFTConfig) -> dict:
     )
     train_iters = cfg.train_iters or cfg.train_epochs * sampler.global_batches_per_epoch
     tp = cfg.tensor_model_parallel_size
-    padded = ckpt_padded_vocab if ckpt_padded_vocab and ckpt_padded_vocab % tp == 0 else None
     stack = build_training_stack(
         arch,
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
+        **optimizer_settings(cfg),
         train_iters=train_iters,
-        lr_warmup_iters=cfg.lr_warmup_iters,
-        lr_decay_style=cfg.lr_decay_style,
-        weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
         adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad,
-        bf16=cfg.bf16,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
         recompute_granularity=cfg.recompute_granularity,
         transformer_impl=cfg.transformer_impl,
-        padded_vocab_size=padded or padded_vocab_size(arch.vocab_size, tp),
+        padded_vocab_size=training_vocab_size(arch, ckpt_padded_vocab, tp),
     )
     start = 0
     if resume:

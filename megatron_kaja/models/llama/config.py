@@ -181,6 +181,14 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
     return -(-vocab_size // multiple) * multiple
 
 
+def training_vocab_size(arch: LlamaArch, checkpoint_vocab: int | None, tp: int) -> int:
+    """The padded vocabulary a run builds: the checkpoint's when TP divides it (so its padding
+    rows load as they are), else Megatron's rule for this TP."""
+    if checkpoint_vocab and checkpoint_vocab % tp == 0:
+        return checkpoint_vocab
+    return padded_vocab_size(arch.vocab_size, tp)
+
+
 def check_parallel_layout(arch: LlamaArch, tensor_parallel_size: int, pipeline_parallel_size: int):
     """Raise ValueError, naming the sizes, when `arch` cannot be split this way."""
     if tensor_parallel_size < 1 or pipeline_parallel_size < 1:
