@@ -48,7 +48,7 @@ def make_checkpoint(out: Path, num_layers: int | None) -> int:
     """A random bf16 llm-jp-3-1.8b-shaped HF checkpoint, streamed to disk shard by shard."""
     import torch
 
-    from megatron_kaja.checkpoint.convert import _hf_plan
+    from megatron_kaja.checkpoint.convert import hf_tensor_plan
     from megatron_kaja.checkpoint.safetensors_io import TensorSpec, write_safetensors_streaming
     from megatron_kaja.models.llama.config import PRESETS
 
@@ -56,7 +56,7 @@ def make_checkpoint(out: Path, num_layers: int | None) -> int:
     if num_layers:
         arch = replace(arch, num_layers=num_layers)
     out.mkdir(parents=True)
-    plan: list[TensorSpec] = _hf_plan(arch, torch.bfloat16)
+    plan: list[TensorSpec] = hf_tensor_plan(arch, torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
 
     def tensors():

@@ -222,7 +222,9 @@ def mcore_layer_as_hf(reader, layer: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _hf_plan(arch: LlamaArch, dtype: torch.dtype) -> list[TensorSpec]:
+def hf_tensor_plan(arch: LlamaArch, dtype: torch.dtype) -> list[TensorSpec]:
+    """Every HF tensor of `arch` in the order an HF checkpoint stores them (embedding,
+    layers, final norm, lm_head), for the streaming writer to plan its shards."""
     shapes = hf_shapes(arch)
     order = list(hf_keys(EMBEDDING))
     for layer in range(arch.num_layers):
@@ -263,6 +265,6 @@ def mcore_to_hf(
 
     cast = ((key, tensor.to(out_dtype)) for key, tensor in tensors())
     with atomic_output_dir(out) as tmp:
-        write_safetensors_streaming(tmp, _hf_plan(arch, out_dtype), cast, max_shard_size)
+        write_safetensors_streaming(tmp, hf_tensor_plan(arch, out_dtype), cast, max_shard_size)
         write_hf_metadata(tmp, arch, _dtype_name(out_dtype), template)
     return Path(out)

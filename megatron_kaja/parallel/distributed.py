@@ -25,14 +25,6 @@ class ParallelLayout:
     pp_rank: int
     dp_rank: int
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pipeline_parallel_size - 1
-
 
 def _env_int(*names: str, default: int) -> int:
     for name in names:

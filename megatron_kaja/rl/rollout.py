@@ -13,9 +13,6 @@ import torch
 from megatron_kaja.rl.advantages import GroupedRewards, zero_variance_groups
 from megatron_kaja.rl.sampler import Generation, SamplingParams, generate
 
-# The columns a reward may read (the judge: kind -> rubric, reference answer, eval_aspect).
-PROMPT_COLUMNS = ("kind", "output", "eval_aspect")
-
 
 @dataclass
 class PromptRecord:
