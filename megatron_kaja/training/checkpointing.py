@@ -33,9 +33,9 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def latest_iteration(root: Path, run_kind: str | None = None) -> int | None:
-    """The iteration of the newest complete training checkpoint under `root`, if any
-    (of a `run_kind` run, "sft" or "grpo", when given)."""
+def latest_checkpoint(root: Path) -> tuple[int, str | None] | None:
+    """(iteration, run kind: "sft" / "grpo") of the newest complete training checkpoint under
+    `root`, or None when `root` holds none (e.g. a converted checkpoint)."""
     tracker = Path(root) / TRACKER_FILE
     if not tracker.is_file():
         return None
@@ -49,9 +49,18 @@ def latest_iteration(root: Path, run_kind: str | None = None) -> int | None:
     from megatron.core.dist_checkpointing import load_common_state_dict
 
     common = load_common_state_dict(str(ckpt))
-    if "iteration" not in common or run_kind not in (None, common.get("run_kind")):
+    if "iteration" not in common:
         return None
-    return iteration
+    return iteration, common.get("run_kind")
+
+
+def latest_iteration(root: Path, run_kind: str | None = None) -> int | None:
+    """The iteration of the newest training checkpoint under `root` (of a `run_kind` run,
+    when given), if any."""
+    found = latest_checkpoint(root)
+    if found is None or run_kind not in (None, found[1]):
+        return None
+    return found[0]
 
 
 def _rng_state() -> dict:
@@ -107,7 +116,6 @@ def save_checkpoint(
     sampler_state: dict,
     config: dict,
     run_kind: str = "sft",
-    keep_last: int | None = None,
     optimizer_fully_reshardable: bool = False,
 ) -> Path:
     """Save a resumable checkpoint of `iteration` under `root` (collective: all ranks call)."""
@@ -156,10 +164,6 @@ def save_checkpoint(
         tracker_tmp = root / f".{TRACKER_FILE}.tmp"
         tracker_tmp.write_text(f"{iteration}\n", encoding="utf-8")
         os.replace(tracker_tmp, root / TRACKER_FILE)
-        if keep_last:
-            done = sorted(p for p in root.glob("iter_*") if p.is_dir() and p != final)
-            for old in done[: max(0, len(done) - (keep_last - 1))]:
-                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 

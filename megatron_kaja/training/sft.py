@@ -57,9 +57,9 @@ def resolve_model_source(cfg, run_kind: str) -> tuple[LlamaArch, int | None, boo
     """
     if cfg.load is None:
         raise ConfigError("--load is required: training starts from a converted checkpoint")
-    resume = checkpointing.latest_iteration(cfg.load, run_kind) is not None
-    latest = checkpointing.latest_iteration(cfg.load)
-    weights = checkpointing.iteration_dir(cfg.load, latest) if latest is not None else cfg.load
+    found = checkpointing.latest_checkpoint(cfg.load)
+    resume = found is not None and found[1] == run_kind
+    weights = checkpointing.iteration_dir(cfg.load, found[0]) if found else cfg.load
     reader = open_mcore_checkpoint(weights)
     return reader.arch, reader.padded_vocab, resume, Path(weights)
 
