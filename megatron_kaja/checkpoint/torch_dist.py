@@ -52,15 +52,16 @@ def _process_group():
         dist.destroy_process_group()
 
 
-def _sharded_state_dict(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype, device: str):
-    """megatron ShardedTensors for every weight (data on `device`), one per layer."""
+def _meta_sharded_state_dict(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype):
+    """megatron ShardedTensors for every weight, one per layer, with *meta* placeholders: the
+    plan needs only shapes, and the real tensors are built when the writer asks for them."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
     sharded = {}
     for mapping in GLOBAL_MAPPINGS:
         shape = global_shape(mapping, arch, padded_vocab)
         sharded[dist_key(mapping)] = ShardedTensor.from_rank_offsets(
-            dist_key(mapping), torch.empty(shape, dtype=dtype, device=device), replica_id=0
+            dist_key(mapping), torch.empty(shape, dtype=dtype, device="meta"), replica_id=0
         )
     num_layers = arch.num_layers
     for layer in range(num_layers):
@@ -68,7 +69,7 @@ def _sharded_state_dict(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype, 
             shape = global_shape(mapping, arch, padded_vocab)
             sharded[f"{dist_key(mapping)}.{layer}"] = ShardedTensor.from_rank_offsets(
                 dist_key(mapping),
-                torch.empty(shape, dtype=dtype, device=device),
+                torch.empty(shape, dtype=dtype, device="meta"),
                 (0, layer, num_layers),
                 replica_id=0,
                 prepend_axis_num=1,
@@ -127,7 +128,7 @@ def write_torch_dist(
                 raise RuntimeError(f"{mapping.te}: built {tuple(tensor.shape)}, planned {expected}")
             return tensor.to(dtype).contiguous()
 
-    sharded = _sharded_state_dict(arch, padded_vocab, dtype, device="meta")
+    sharded = _meta_sharded_state_dict(arch, padded_vocab, dtype)
     sharded.update(_extra_state_objects(arch, transformer_impl))
     grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
     out_dir.mkdir(parents=True, exist_ok=True)
