@@ -4,6 +4,7 @@ SFT trainer's stack (megatron DDP + optimizer + schedule), checkpoints and metri
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -149,16 +150,31 @@ class _MegatronOptimizerStep:
         self.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
 
 
+def merge_rank_metrics(per_rank: list[dict]) -> dict:
+    """One step's metrics over data-parallel ranks: each number is the mean over the ranks
+    that have it (not NaN). Ranks may differ in their keys: `reward_mean/<kind>` exists only
+    where that kind was drawn."""
+    merged: dict = {}
+    for metrics in per_rank:
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                merged.setdefault(key, value)
+            elif not math.isnan(value):
+                merged.setdefault(key, []).append(float(value))
+            else:
+                merged.setdefault(key, [])
+    return {
+        k: (sum(v) / len(v) if v else math.nan) if isinstance(v, list) else v
+        for k, v in merged.items()
+    }
+
+
 def _mean_over_data_parallel(metrics: dict) -> dict:
     from megatron.core import parallel_state as ps
 
-    keys = sorted(
-        k for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    )
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values, group=ps.get_data_parallel_group())
-    values /= ps.get_data_parallel_world_size()
-    return {**metrics, **dict(zip(keys, values.tolist(), strict=True))}
+    per_rank: list = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(per_rank, metrics, group=ps.get_data_parallel_group())
+    return merge_rank_metrics(per_rank)
 
 
 def train_grpo(cfg: GRPORunConfig) -> dict:

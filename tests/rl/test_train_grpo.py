@@ -134,3 +134,24 @@ def test_bad_prompt_file_and_settings_fail_early(grpo_setup, tiny_hf_dir, tmp_pa
         load_config([*base, "--pipeline-model-parallel-size", "2"], GRPORunConfig)
     with pytest.raises(ConfigError, match="num_generations"):
         load_config([*base, "--num-generations", "1"], GRPORunConfig)
+
+
+def test_rank_metrics_merge_across_different_prompt_kinds():
+    """DP ranks that drew different prompt kinds hold different metric keys (and NaN for a
+    kind with no scored sample): the merge averages each number over the ranks that have it."""
+    from megatron_kaja.rl.trainer import merge_rank_metrics
+
+    rank0 = {"reward_mean": 0.2, "reward_mean/safety": 0.2, "loss": 1.0, "skipped": False}
+    rank1 = {
+        "reward_mean": 0.6,
+        "reward_mean/safety": math.nan,
+        "reward_mean/helpful": 0.6,
+        "loss": 3.0,
+    }
+    merged = merge_rank_metrics([rank0, rank1])
+    assert merged["reward_mean"] == pytest.approx(0.4)
+    assert merged["reward_mean/safety"] == pytest.approx(0.2)
+    assert merged["reward_mean/helpful"] == pytest.approx(0.6)
+    assert merged["loss"] == pytest.approx(2.0)
+    assert merged["skipped"] is False
+    assert math.isnan(merge_rank_metrics([{"x": math.nan}, {"x": math.nan}])["x"])
