@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Benchmark GRPO on megatron-core, in one run:
-(a) one GRPO step broken into phases (rollout, reward, logprob, update), torch AdamW on the
-    GPTModel (the trainer uses the megatron optimizer; this isolates the algorithm);
+(a) one GRPO step broken into phases (sync, rollout, reward, logprob, update) with each
+    rollout engine that runs here (`builtin`, and `hf`, which receives the trainer's weights
+    before each step: t_sync), torch AdamW on the GPTModel (the trainer uses the megatron
+    optimizer; this isolates the algorithm);
 (b) the builtin sampler's generated tokens/s with megatron-core's KV cache, without it, and
     `transformers` `generate` (KV cache) on the same weights and prompts (greedy, so every
     engine does the same work).
@@ -34,6 +36,7 @@ from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.parallel.distributed import destroy_model_parallel, initialize_model_parallel
 from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.rl.engines import HFEngine
 from megatron_kaja.rl.rollout import PromptRecord
 from megatron_kaja.rl.sampler import SamplingParams, generate
 from megatron_kaja.rl.step import grpo_step
@@ -177,10 +180,29 @@ def main(argv=None) -> int:
         generator=torch.Generator(device=device).manual_seed(0),
     )
     source = itertools.cycle(records)
-    grpo_step(model, ref, opt, source, even_share, config, **step_kw)  # warm-up
-    metrics = grpo_step(model, ref, opt, source, even_share, config, **step_kw)
-    phases = {k: metrics[k] for k in ("t_rollout", "t_reward", "t_logprob", "t_update")}
-    total = sum(phases.values())
+    del hf  # the hf engine builds its own copy, fed from the GPTModel
+    engines = {
+        "builtin": None,
+        "hf": HFEngine(
+            arch, eos_token_id=2, pad_token_id=PAD, dtype=model.config.params_dtype,
+            device=device,
+        ),
+    }  # fmt: skip
+    phases, lengths = {}, {}
+    for name, engine in engines.items():
+        for _ in range(2):  # a warm-up step, then the measured one
+            start = time.perf_counter()
+            if engine is not None:
+                engine.load_weights(model)
+            synced = time.perf_counter() - start
+            metrics = grpo_step(
+                model, ref, opt, source, even_share, config, engine=engine, **step_kw
+            )
+        phases[name] = {"t_sync": synced + metrics.get("t_sync", 0.0)}
+        phases[name].update(
+            {k: metrics[k] for k in ("t_rollout", "t_reward", "t_logprob", "t_update")}
+        )
+        lengths[name] = metrics["response_len_mean"]
 
     print(
         f"model: {params_m:.1f} M params ({args.layers} layers, hidden {args.hidden}, vocab "
@@ -188,10 +210,16 @@ def main(argv=None) -> int:
         f"{args.num_generations} generations, prompt {args.prompt_len} + {args.max_new_tokens} "
         f"new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    print(f"{'GRPO step phase':16} {'seconds':>8} {'share':>6}")
-    for name, seconds in phases.items():
-        print(f"{name:16} {seconds:8.3f} {seconds / total:6.1%}")
-    print(f"{'total':16} {total:8.3f}   (response_len_mean {metrics['response_len_mean']:.1f})")
+    names = list(phases)
+    print(f"{'GRPO step phase':16}" + "".join(f" {n + ' s':>10} {'share':>6}" for n in names))
+    totals = {n: sum(phases[n].values()) for n in names}
+    for phase in phases[names[0]]:
+        cells = "".join(
+            f" {phases[n][phase]:10.3f} {phases[n][phase] / totals[n]:6.1%}" for n in names
+        )
+        print(f"{phase:16}{cells}")
+    print(f"{'total':16}" + "".join(f" {totals[n]:10.3f} {'':6}" for n in names))
+    print(f"{'response_len':16}" + "".join(f" {lengths[n]:10.1f} {'':6}" for n in names))
     title = f"sampler (greedy, batch {len(sampler_prompts)}, best of {args.repeats})"
     print(f"\n{title:40} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
     for r in rows:

@@ -34,6 +34,8 @@ class GRPOConfig:
     weight_decay: float = 0.1
     micro_batch_size: int = 8  # completions per forward/backward
     global_batch_size: int = 512  # completions per optimizer step
+    # completions sampled at once (None: a rank's whole share): bounds the rollout KV cache
+    rollout_batch_size: int | None = None
     seed: int = 1234
 
     def __post_init__(self):
@@ -56,6 +58,11 @@ class GRPOConfig:
         need(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         need(self.oversample_rounds >= 0, "oversample_rounds", "must be >= 0")
         need(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        need(
+            self.rollout_batch_size is None or self.rollout_batch_size >= 1,
+            "rollout_batch_size",
+            "must be >= 1 (or None for all at once)",
+        )
         need(
             self.global_batch_size % self.num_generations == 0,
             "global_batch_size",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_kaja.rl.advantages import GroupedRewards, zero_variance_groups
-from megatron_kaja.rl.sampler import Generation, SamplingParams, generate
+from megatron_kaja.rl.sampler import Generation, SamplingParams
 
 
 @dataclass
@@ -131,8 +131,27 @@ def _concat(gens: list[Generation], pad_token_id: int) -> Generation:
     )
 
 
+def sample_in_chunks(
+    engine,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Generation:
+    """`engine.generate` over `prompts`, `chunk_size` rows at a time (None: all at once), so
+    the KV cache is sized for a chunk, not for a rank's whole share of the step."""
+    size = chunk_size or len(prompts)
+    parts = [
+        engine.generate(prompts[i : i + size], params, generator)
+        for i in range(0, len(prompts), size)
+    ]
+    return parts[0] if len(parts) == 1 else _concat(parts, pad_token_id)
+
+
 def collect_rollouts(
-    model,
+    engine,
     prompt_source: Iterator[PromptRecord],
     num_prompts: int,
     num_generations: int,
@@ -140,15 +159,15 @@ def collect_rollouts(
     reward_fn: Callable,
     decode: Callable[[list[int]], str],
     *,
-    eos_token_id: int,
     pad_token_id: int,
-    vocab_size: int,
     generator: torch.Generator | None = None,
     filter_zero_variance: bool = False,
     oversample_rounds: int = 0,
     zero_variance_tol: float = 1e-6,
+    rollout_batch_size: int | None = None,
 ) -> RolloutBatch:
-    """Sample `num_generations` completions for `num_prompts` prompts, score them, and with
+    """Sample `num_generations` completions for `num_prompts` prompts with `engine` (a
+    `megatron_kaja.rl.engines` engine), score them, and with
     `filter_zero_variance` drop the groups whose rewards do not vary (DAPO's dynamic sampling),
     drawing up to `oversample_rounds` more rounds of prompts to refill the batch (each round
     draws the shortfall divided by the keep rate so far; surplus groups are left out).
@@ -174,14 +193,13 @@ def collect_rollouts(
             break
         repeated = [p.prompt_ids for p in batch for _ in range(num_generations)]
         start = time.perf_counter()
-        gen = generate(
-            model,
+        gen = sample_in_chunks(
+            engine,
             repeated,
             params,
-            eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
-            vocab_size=vocab_size,
             generator=generator,
+            chunk_size=rollout_batch_size,
         )
         completions = [decode(ids) for ids in gen.responses()]
         seconds["t_rollout"] += time.perf_counter() - start

@@ -39,6 +39,10 @@ class GRPORunConfig(LaunchSettings):
     num_iterations: int = 1
     filter_zero_variance: bool = False
     oversample_rounds: int = 0
+    # rollouts: builtin (our sampler on the training model), hf (transformers), vllm (colocated)
+    rollout_engine: Literal["builtin", "hf", "vllm"] = "builtin"
+    rollout_batch_size: int | None = Field(default=None, gt=0)  # sequences sampled at once
+    rollout_gpu_memory_utilization: float = Field(default=0.3, gt=0, lt=1)  # vllm's share
     # optimizer and schedule (seed: lr 1e-5 cosine, warmup 0, weight decay 0.1)
     lr: float = 1e-5
     min_lr: float = 0.0
@@ -116,5 +120,6 @@ class GRPORunConfig(LaunchSettings):
             weight_decay=self.weight_decay,
             micro_batch_size=self.micro_batch_size,
             global_batch_size=self.global_batch_size,
+            rollout_batch_size=self.rollout_batch_size,
             seed=self.seed,
         )

@@ -64,6 +64,7 @@ def grpo_step(
     vocab_size: int,
     generator: torch.Generator | None = None,
     num_prompts: int | None = None,
+    engine=None,
 ) -> dict:
     """One GRPO step on `config.prompts_per_step` prompts (or `num_prompts`) drawn from
     `prompts`; returns the step's metrics.
@@ -71,28 +72,37 @@ def grpo_step(
     `ref_model`: the frozen reference (None when `config.beta == 0`). `optimizer`: anything
     with `zero_grad()` and `step()` (the megatron optimizer in the trainer, torch AdamW in
     the benchmark); a megatron-DDP-wrapped model has its gradients synchronized before the
-    step. `decode` turns response ids into the text the reward reads.
+    step. `decode` turns response ids into the text the reward reads. `engine` samples the
+    rollouts (`megatron_kaja.rl.engines`; default: the builtin sampler on `model`) and must
+    hold the current weights; it is put to sleep before the update.
     """
+    from megatron_kaja.rl.engines import BuiltinEngine
+
+    if engine is None:
+        engine = BuiltinEngine(
+            model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size
+        )
     if config.beta > 0 and ref_model is None:
         raise ValueError("GRPOConfig.beta > 0 needs a reference model (or set beta to 0)")
     metrics: dict = {}
     params = SamplingParams(config.max_new_tokens, config.temperature, config.top_p)
     batch: RolloutBatch = collect_rollouts(
-        model,
+        engine,
         prompts,
         num_prompts or config.prompts_per_step,
         config.num_generations,
         params,
         reward_fn,
         decode,
-        eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        vocab_size=vocab_size,
         generator=generator,
         filter_zero_variance=config.filter_zero_variance,
         oversample_rounds=config.oversample_rounds,
         zero_variance_tol=config.zero_variance_tol,
+        rollout_batch_size=config.rollout_batch_size,
     )
+    with _timed(metrics, "t_sync"):
+        engine.sleep()  # free the engine's memory (vLLM: weights and KV cache) for the update
     metrics.update(batch.seconds)
     gen = batch.generation
     with _timed(metrics, "t_reward"):

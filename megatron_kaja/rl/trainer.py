@@ -17,9 +17,11 @@ from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.data.readers import read_records
 from megatron_kaja.data.records import DataFormatError
 from megatron_kaja.data.sources import DataSource
+from megatron_kaja.extras import MissingExtraError, require
 from megatron_kaja.models.llama.config import training_vocab_size
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.parallel.distributed import initialize_model_parallel
+from megatron_kaja.rl.engines import build_rollout_engine
 from megatron_kaja.rl.rollout import PromptRecord, prompt_record
 from megatron_kaja.rl.run_config import GRPORunConfig
 from megatron_kaja.rl.step import grpo_step
@@ -191,6 +193,8 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         )
     grpo = cfg.grpo_config()
     per_rank = grpo.prompts_per_step // dp
+    if cfg.rollout_engine == "vllm":  # before any compute
+        require("vllm", "the vllm rollout engine (--rollout-engine vllm)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     # errors name file and line, before compute
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
@@ -233,12 +237,25 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     if is_writer:
         logger.info(
             "%d prompts, %d steps, %d prompts x %d generations per step (%d per DP rank), "
-            "DP=%d TP=%d",
+            "DP=%d TP=%d, %s rollout engine",
             len(prompts), train_iters, grpo.prompts_per_step, grpo.num_generations,
-            per_rank, dp, tp,
+            per_rank, dp, tp, cfg.rollout_engine,
         )  # fmt: skip
     schedule = PromptSchedule(prompts, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id
+    engine = build_rollout_engine(
+        cfg.rollout_engine,
+        stack.model,
+        arch,
+        eos_token_id=arch.eos_token_id,
+        pad_token_id=pad_id,
+        vocab_size=arch.vocab_size,
+        tokenizer_dir=cfg.tokenizer,
+        max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
+        gpu_memory_utilization=cfg.rollout_gpu_memory_utilization,
+        seed=cfg.seed + layout.dp_rank,
+        transformer_impl=stack.transformer_impl,
+    )
     optimizer = _MegatronOptimizerStep(stack)
     generator = torch.Generator()
     started = time.perf_counter()
@@ -268,6 +285,9 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         # ranks of a group and across a resume.
         seed = np.random.SeedSequence([cfg.seed, iteration, layout.dp_rank]).generate_state(1)
         generator.manual_seed(int(seed[0]))
+        synced = time.perf_counter()
+        engine.load_weights(stack.model)  # the weights of the last update (or of the start)
+        synced = time.perf_counter() - synced
         stack.model.train()
         step_metrics = grpo_step(
             stack.model,
@@ -282,10 +302,14 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
             vocab_size=arch.vocab_size,
             generator=generator,
             num_prompts=per_rank,
+            engine=engine,
         )
         stack.scheduler.step(increment=1)
         iteration += 1
-        step_metrics.update(grad_norm=optimizer.grad_norm, t_sync=0.0)  # builtin engine: no sync
+        # t_sync: weights into the engine and, inside the step, its sleep (0 for builtin).
+        step_metrics.update(
+            grad_norm=optimizer.grad_norm, t_sync=step_metrics.get("t_sync", 0.0) + synced
+        )
         metrics = _mean_over_data_parallel(step_metrics)
         metrics.update(
             step=iteration, train_iters=train_iters, lr=lr, elapsed_s=time.perf_counter() - started
@@ -302,6 +326,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
                 )  # fmt: skip
         if control.after_step(iteration):
             break
+    engine.close()
     writer.close()
     return metrics
 
@@ -320,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_grpo(cfg)
         train_grpo(cfg)
-    except (ConfigError, DataFormatError) as exc:
+    except (ConfigError, DataFormatError, MissingExtraError) as exc:
         logger.error("%s", exc)
         return 2
     finally:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from megatron_kaja.models.llama.config import PRESETS, LlamaArch, check_parallel_layout
 from megatron_kaja.training.errors import ConfigError
-from megatron_kaja.training.memory import MemoryEstimate
+from megatron_kaja.training.memory import GIB, MemoryEstimate
 
 
 class LaunchSettings(BaseModel):
@@ -295,12 +295,18 @@ def plan_grpo(cfg) -> int:
         distributed_optimizer=cfg.use_distributed_optimizer,
         bf16=cfg.bf16,
     )
+    report.add(
+        f"rollouts: {cfg.rollout_engine} engine, "
+        f"{min(per_rank, cfg.rollout_batch_size or per_rank)} sequences sampled at once"
+    )
     estimate = estimate_grpo_memory(
         arch,
         layout,
-        rollout_sequences=per_rank,
+        rollout_sequences=min(per_rank, cfg.rollout_batch_size or per_rank),
         prompt_length=cfg.max_prompt_length,
         max_new_tokens=cfg.max_new_tokens,
         reference_model=cfg.beta > 0,
+        rollout_engine=cfg.rollout_engine,
+        vllm_bytes=int(cfg.rollout_gpu_memory_utilization * cfg.gpu_memory_gb * GIB),
     )
     return report.finish(estimate)

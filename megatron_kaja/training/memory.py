@@ -212,17 +212,36 @@ def estimate_grpo_memory(
     prompt_length: int,
     max_new_tokens: int,
     reference_model: bool,
+    rollout_engine: str = "builtin",
+    vllm_bytes: int = 0,
 ) -> MemoryEstimate:
     """The GRPO step's peak: the training estimate (sequences of prompt + response), the
-    frozen reference model's weights (TP-sharded, not DP-sharded), and the builtin sampler's
-    KV cache for this rank's rollouts (all generated at once, before the update's forward:
-    the cache and the training activations are never live together)."""
+    frozen reference model's weights (TP-sharded, not DP-sharded), and the rollout engine.
+
+    `rollout_sequences` are sampled at once (a rank's share, or --rollout-batch-size) before
+    the update's forward, so the rollout memory and the training activations are never live
+    together. `builtin` holds only its KV cache (TP-sharded); `hf` keeps an unsharded copy of
+    the weights on TP rank 0 all along, plus an unsharded KV cache; `vllm` takes its
+    `vllm_bytes` (--rollout-gpu-memory-utilization of the GPU) while awake and releases
+    weights and cache before the update (sleep level 2).
+    """
     estimate = estimate_memory(arch, layout)
+    weight_bytes = 2 if layout.bf16 else 4
     if reference_model:
-        estimate.extra["reference model"] = stage_params(arch, layout, 0) * (
-            2 if layout.bf16 else 4
+        estimate.extra["reference model"] = stage_params(arch, layout, 0) * weight_bytes
+    tokens = prompt_length + max_new_tokens
+    if rollout_engine == "vllm":
+        estimate.other_phase["vLLM engine"] = vllm_bytes
+    elif rollout_engine == "hf":
+        whole = TrainingLayout(tensor_parallel=1, bf16=layout.bf16)
+        estimate.extra["hf rollout engine weights (TP rank 0)"] = (
+            stage_params(arch, whole, 0) * weight_bytes
         )
-    estimate.other_phase["rollout KV cache"] = kv_cache_bytes(
-        arch, rollout_sequences, prompt_length + max_new_tokens, layout.tensor_parallel
-    )
+        estimate.other_phase["rollout KV cache"] = kv_cache_bytes(
+            arch, rollout_sequences, tokens, 1
+        )
+    else:
+        estimate.other_phase["rollout KV cache"] = kv_cache_bytes(
+            arch, rollout_sequences, tokens, layout.tensor_parallel
+        )
     return estimate

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron_kaja.rl.advantages import GroupedRewards
+from megatron_kaja.rl.engines import BuiltinEngine
 from megatron_kaja.rl.rollout import (
     PromptRecord,
     collect_rollouts,
@@ -88,24 +89,22 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_policy):
     def reward(prompts, completions, **columns):
         return [1.0 if int(p[1:]) % 2 == 0 else float(next(counter) % 2) for p in prompts]
 
-    kwargs = dict(
-        eos_token_id=arch.eos_token_id,
-        pad_token_id=4,
-        vocab_size=arch.vocab_size,
-        generator=torch.Generator().manual_seed(0),
+    kwargs = dict(pad_token_id=4, generator=torch.Generator().manual_seed(0))
+    engine = BuiltinEngine(
+        model, eos_token_id=arch.eos_token_id, pad_token_id=4, vocab_size=arch.vocab_size
     )
     params = SamplingParams(max_new_tokens=3, temperature=1.0)
     common = (4, 4, params, reward, lambda ids: str(ids))
-    plain = collect_rollouts(model, iter(_prompts(8)), *common, **kwargs)
+    plain = collect_rollouts(engine, iter(_prompts(8)), *common, **kwargs)
     assert len(plain.prompts) == 4 and plain.zero_variance_frac == 0.5
     assert plain.generation.response_ids.size(0) == 16
     # Filtering without oversampling keeps the 2 informative groups of the 4 sampled.
-    kept = collect_rollouts(model, iter(_prompts(8)), *common, filter_zero_variance=True, **kwargs)
+    kept = collect_rollouts(engine, iter(_prompts(8)), *common, filter_zero_variance=True, **kwargs)
     assert [p.prompt for p in kept.prompts] == ["q1", "q3"]
     assert kept.rewards.values.shape == (2, 4) and kept.generation.response_ids.size(0) == 8
     # One refill round draws 2 / (keep rate 0.5) = 4 more prompts: 4 informative of 8.
     refilled = collect_rollouts(
-        model, iter(_prompts(8)), *common, filter_zero_variance=True, oversample_rounds=1, **kwargs
+        engine, iter(_prompts(8)), *common, filter_zero_variance=True, oversample_rounds=1, **kwargs
     )
     assert [p.prompt for p in refilled.prompts] == ["q1", "q3", "q5", "q7"]
     assert refilled.groups_sampled == 8 and refilled.zero_variance_frac == 0.5
@@ -115,5 +114,5 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_policy):
     assert (prompt_tokens == torch.tensor([31, 33, 35, 37]).unsqueeze(1)).all()
     with pytest.raises(RuntimeError, match="kept no group"):
         collect_rollouts(
-            model, iter(_prompts(8)[::2]), *common, filter_zero_variance=True, **kwargs
+            engine, iter(_prompts(8)[::2]), *common, filter_zero_variance=True, **kwargs
         )

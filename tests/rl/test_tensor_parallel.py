@@ -1,4 +1,5 @@
-"""TP=2 equals TP=1: log-probs, greedy and seeded top-p sampling, and a whole GRPO step."""
+"""TP=2 equals TP=1: log-probs, greedy and seeded top-p sampling, the HF weight export and
+the hf rollout engine, and a whole GRPO step."""
 
 import json
 
@@ -19,6 +20,8 @@ def test_tp2_equals_tp1(tiny_hf_dir, tiny_mcore_dir, tmp_path):
     torch.testing.assert_close(t(two["logprobs"]), t(one["logprobs"]), atol=1e-5, rtol=0)
     assert t(one["logprobs"]).std() > 0.5  # the comparison is between varied numbers
     assert two["greedy"] == one["greedy"]
+    assert one["export_matches_hf"] and two["export_matches_hf"]
+    assert one["hf_engine_greedy"] == two["hf_engine_greedy"] == one["greedy"]
     assert two["sampled"] == one["sampled"]
     torch.testing.assert_close(
         t(two["sampled_logprobs"]), t(one["sampled_logprobs"]), atol=1e-5, rtol=0

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_kaja.checkpoint.convert import hf_to_mcore, open_mcore_checkpoint
+from megatron_kaja.extras import is_available
 from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply
 from megatron_kaja.models.llama.state_dict import GLOBAL_MAPPINGS
 from tests.helpers import REPO, run_torchrun
@@ -94,6 +95,41 @@ def test_hf_judge_dp2_resume_is_exact(grpo_setup, tiny_hf_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_hf_engine_tp2_syncs_weights_and_resumes_exactly(grpo_setup, tiny_hf_dir, tmp_path):
+    """TP=2 with the hf rollout engine sampling 4 sequences at a time: the trainer's weights
+    reach it before every step (t_sync), and an interrupted run resumes exactly."""
+    a = lambda name, *extra: _args(  # noqa: E731
+        grpo_setup, tiny_hf_dir, tmp_path / name, "--reward", "refusal_with_reason",
+        "--rollout-engine", "hf", "--rollout-batch-size", "4",
+        "--tensor-model-parallel-size", "2", "--temperature", "1.5", *extra,
+    )  # fmt: skip
+    runs = [
+        a("full", "--save", str(tmp_path / "full")),
+        a("part1", "--save", str(tmp_path / "resumed"), "--exit-interval", "2"),
+        [
+            *a("resumed", "--save", str(tmp_path / "resumed"))[2:],
+            "--load",
+            str(tmp_path / "resumed"),
+        ],
+    ]
+    run_torchrun(WORKER, 2, json.dumps([{"entry": "grpo", "argv": r} for r in runs]))
+    full = _metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [m["step"] for m in full] == [1, 2, 3, 4]
+    assert all(m["t_sync"] > 0 and m["response_len_mean"] > 0 for m in full)
+    assert all(math.isfinite(m["loss"]) and m["kl"] >= 0 for m in full)
+    assert any(m["kl"] > 0 for m in full[1:])  # the policy moved away from the reference
+    resumed = _metrics(tmp_path / "part1" / "metrics.jsonl") + _metrics(
+        tmp_path / "resumed" / "metrics.jsonl"
+    )
+    keys = ("step", "reward_mean", "response_len_mean", "loss", "kl", "lr")
+    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in full]
+    a_weights = _weights(tmp_path / "full" / f"iter_{STEPS:07d}")
+    b_weights = _weights(tmp_path / "resumed" / f"iter_{STEPS:07d}")
+    for key, tensor in a_weights.items():
+        assert torch.equal(tensor, b_weights[key]), key
+
+
+@pytest.mark.slow
 def test_openai_judge_against_scripted_server(grpo_setup, tiny_hf_dir, tmp_path):
     """The judge reward through an OpenAI-compatible server: constrained choice, expected
     score from top_logprobs (p(4) = p(5) = 0.5 -> 4.5 / 5 = 0.9)."""
@@ -134,6 +170,28 @@ def test_bad_prompt_file_and_settings_fail_early(grpo_setup, tiny_hf_dir, tmp_pa
         load_config([*base, "--pipeline-model-parallel-size", "2"], GRPORunConfig)
     with pytest.raises(ConfigError, match="num_generations"):
         load_config([*base, "--num-generations", "1"], GRPORunConfig)
+    with pytest.raises(
+        ConfigError, match=r"--rollout-engine: Input should be 'builtin', 'hf' or 'vllm'"
+    ):
+        load_config([*base, "--rollout-engine", "sglang"], GRPORunConfig)
+    with pytest.raises(ConfigError, match="--rollout-batch-size"):
+        load_config([*base, "--rollout-batch-size", "0"], GRPORunConfig)
+
+
+@pytest.mark.skipif(is_available("vllm"), reason="vllm is installed")
+def test_vllm_engine_without_vllm_fails_before_compute(grpo_setup, tiny_hf_dir, tmp_path):
+    args = _args(
+        grpo_setup, tiny_hf_dir, tmp_path, "--reward", "refusal_with_reason",
+        "--rollout-engine", "vllm", "--save", str(tmp_path / "out"),
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_grpo.py"), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the vllm rollout engine (--rollout-engine vllm) needs the package 'vllm'" in proc.stderr
+    assert "pip install 'megatron-kaja[gpu]'" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_rank_metrics_merge_across_different_prompt_kinds():

@@ -8,12 +8,15 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.models.llama.config import LlamaArch
+from megatron_kaja.models.llama.export import hf_weight_groups
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.parallel.distributed import (
     current_layout,
@@ -22,6 +25,7 @@ from megatron_kaja.parallel.distributed import (
     initialize_model_parallel,
 )
 from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.rl.engines import HFEngine
 from megatron_kaja.rl.losses import token_logprobs
 from megatron_kaja.rl.rollout import prompt_record
 from megatron_kaja.rl.sampler import SamplingParams, causal_padding_mask, generate
@@ -68,6 +72,23 @@ def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
     )
     result["sampled"] = sampled.response_ids.tolist()
     result["sampled_logprobs"] = sampled.logprobs.tolist()
+    # The in-memory HF export gathers the TP shards back into the HF checkpoint's tensors,
+    # and the hf rollout engine fed by it decodes as the builtin sampler does.
+    original = {}
+    for path in sorted(Path(hf_dir).glob("*.safetensors")):
+        original.update(load_file(path))
+    exported = dict(pair for group in hf_weight_groups(model, arch) for pair in group)
+    result["export_matches_hf"] = set(exported) == set(original) and all(
+        torch.equal(t, original[n].to(t.dtype)) for n, t in exported.items()
+    )
+    engine = HFEngine(
+        arch, eos_token_id=arch.eos_token_id, pad_token_id=4, dtype=torch.float32,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    engine.load_weights(model)
+    result["hf_engine_greedy"] = engine.generate(
+        PROMPTS, SamplingParams(10, temperature=0.0)
+    ).response_ids.tolist()
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prompts = [

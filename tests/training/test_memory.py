@@ -124,6 +124,26 @@ def test_grpo_peak_takes_the_larger_phase():
     assert est.total == static + max(kv, est.activations)
 
 
+def test_grpo_rollout_engines_hold_different_memory():
+    layout = TrainingLayout(tensor_parallel=4, data_parallel=2, micro_batch_size=8,
+                            seq_length=1024, num_micro_batches=8)  # fmt: skip
+    common = dict(rollout_sequences=64, prompt_length=512, max_new_tokens=512,
+                  reference_model=False)  # fmt: skip
+    builtin = estimate_grpo_memory(L13B, layout, **common)
+    hf = estimate_grpo_memory(L13B, layout, rollout_engine="hf", **common)
+    vllm = estimate_grpo_memory(L13B, layout, rollout_engine="vllm", vllm_bytes=40 * 2**30,
+                                **common)  # fmt: skip
+    # hf: an unsharded bf16 copy of the whole model all along, and an unsharded KV cache.
+    copy = hf.extra["hf rollout engine weights (TP rank 0)"]
+    assert copy == pytest.approx(13.7e9 * 2, rel=0.03)
+    assert hf.other_phase["rollout KV cache"] == 4 * builtin.other_phase["rollout KV cache"]
+    # vllm: its share of the GPU, released (sleep level 2) before the update.
+    assert vllm.other_phase == {"vLLM engine": 40 * 2**30}
+    assert vllm.total == builtin.total - max(
+        builtin.activations, builtin.other_phase["rollout KV cache"]
+    ) + max(builtin.activations, 40 * 2**30)
+
+
 def test_layout_that_cannot_split_is_refused():
     with pytest.raises(ValueError, match="num_hidden_layers 40 is not divisible"):
         estimate_memory(L13B, TrainingLayout(pipeline_parallel=3))
