@@ -76,10 +76,11 @@ class GRPORunConfig(LaunchSettings):
             self.train_epochs = 1
         if self.train_iters is not None and self.train_epochs is not None:
             raise ValueError("give --train-iters or --train-epochs, not both")
-        if self.pipeline_model_parallel_size != 1:
+        if self.pipeline_model_parallel_size > 1 and self.rollout_engine != "builtin":
             raise ValueError(
-                "--pipeline-model-parallel-size must be 1: rollouts and the GRPO update run "
-                "the whole model on each rank (use tensor parallelism to split it)"
+                f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size} needs "
+                f"--rollout-engine builtin (the {self.rollout_engine} engine takes the whole "
+                "model's weights from one stage; split it with TP instead)"
             )
         for spec in self.prompts:
             path, _, kind = spec.rpartition(":")

@@ -22,8 +22,12 @@ collectives only:
 
 Prompts of different lengths are left-padded; RoPE depends on relative positions only, so
 a left-padded prompt (padding masked out of attention) sees the same scores as unpadded.
-Rows stop at EOS (which is kept and learned) or at `max_new_tokens`. Pipeline parallelism
-is not supported here (the rollout model must be one stage).
+Rows stop at EOS (which is kept and learned) or at `max_new_tokens`.
+
+Pipeline parallelism: every stage keeps its own KV cache; at each step a stage receives the
+previous stage's hidden states for the new positions, runs its layers and sends its output
+on; the last stage samples and broadcasts the new tokens (and their log-probs) to the
+pipeline group, so every stage holds the same sequences and all stop together.
 """
 
 from __future__ import annotations
@@ -136,6 +140,47 @@ def last_token_logits(model, tokens, valid, inference_context=None) -> torch.Ten
         )
     logits, _ = model.output_layer(hidden[-1:], runtime_gather_output=False)
     return logits[0]
+
+
+def stage_last_token_logits(model, tokens, valid, inference_context=None):
+    """`last_token_logits` for this rank's pipeline stage: a non-first stage takes its input
+    from the previous stage, a non-last stage sends its output on and returns None."""
+    if model.pre_process and model.post_process:
+        return last_token_logits(model, tokens, valid, inference_context)
+    from megatron.core import parallel_state as ps
+
+    b, s = tokens.shape
+    if not model.pre_process:
+        hidden = torch.empty(
+            (s, b, model.config.hidden_size), dtype=model.config.params_dtype, device=tokens.device
+        )
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    if model.post_process:
+        return last_token_logits(model, tokens, valid, inference_context)
+    positions = torch.arange(valid.size(1) - s, valid.size(1), device=tokens.device).expand(b, s)
+    hidden = model(
+        tokens,
+        positions,
+        causal_padding_mask(valid, s),
+        inference_context=inference_context,
+        runtime_gather_output=True,  # GPTModel asserts it under inference; no logits here
+    )
+    dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+    return None
+
+
+def _share_from_last_stage(model, ids: torch.Tensor, logprobs: torch.Tensor):
+    """The last pipeline stage's sampled ids and log-probs, on every stage."""
+    if model.pre_process and model.post_process:
+        return ids, logprobs
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    src = ps.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(ids, src=src, group=group)
+    dist.broadcast(logprobs, src=src, group=group)
+    return ids, logprobs
 
 
 def _tp():
@@ -270,8 +315,6 @@ def generate(
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    if not (model.pre_process and model.post_process):
-        raise ValueError("the builtin sampler needs the whole model on one pipeline stage")
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     b, width = prompt_ids.shape
@@ -290,15 +333,23 @@ def generate(
         for step in range(params.max_new_tokens):
             end = width + step
             if context is None:
-                logits = last_token_logits(model, tokens[:, :end], valid[:, :end])
+                logits = stage_last_token_logits(model, tokens[:, :end], valid[:, :end])
             else:
                 start = 0 if step == 0 else end - 1
-                logits = last_token_logits(
+                logits = stage_last_token_logits(
                     model, tokens[:, start:end], valid[:, :end], inference_context=context
                 )
                 context.sequence_len_offset = end
                 context.enable_decode_mode()
-            ids, lp = sample_next_token(logits, params, vocab_size=vocab_size, generator=generator)
+            if logits is not None:  # the last pipeline stage samples
+                ids, lp = sample_next_token(
+                    logits, params, vocab_size=vocab_size, generator=generator
+                )
+                lp = lp.float()
+            else:
+                ids = torch.empty(b, dtype=torch.long, device=device)
+                lp = torch.empty(b, dtype=torch.float32, device=device)
+            ids, lp = _share_from_last_stage(model, ids, lp)
             tokens[:, end] = torch.where(finished, torch.full_like(ids, pad_token_id), ids)
             valid[:, end] = ~finished
             logprobs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)

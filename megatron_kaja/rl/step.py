@@ -3,17 +3,20 @@ clipped policy update with a KL penalty to a frozen reference (DeepSeekMath's GR
 
 The trainer (`train_grpo.py`) owns the loop, the megatron optimizer and its schedule,
 checkpoints and the metrics file; this function owns what happens inside one step and
-returns its metrics. It works at any tensor-parallel size; the model must be one pipeline
-stage (pipeline-parallel training goes through megatron's schedules in the trainer).
+returns its metrics. It works at any tensor- and pipeline-parallel size (with several
+stages the builtin sampler passes activations stage to stage, and the log-prob and update
+passes go through megatron-core's pipeline schedule).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from megatron_kaja.rl.advantages import compute_advantages
 from megatron_kaja.rl.config import GRPOConfig
@@ -48,6 +51,112 @@ def response_logprobs(
 
 def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _single_stage(model) -> bool:
+    return model.pre_process and model.post_process
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.cat(parts) if parts else None
+
+
+def run_micro_batches(
+    model,
+    gen: Generation,
+    slices: list[slice],
+    *,
+    temperature: float,
+    vocab_size: int,
+    loss_of: Callable | None = None,
+) -> list:
+    """Each micro-batch's response log-probs (`loss_of` None; call under no_grad), or its
+    `loss_of(rows, logp) -> (loss, info)` backpropagated, returning the infos.
+
+    One pipeline stage: plain forwards. Several: megatron-core's pipeline schedule (1F1B),
+    whose activations travel between stages; results exist on the last stage only (other
+    stages get an empty list).
+    """
+    kw = dict(temperature=temperature, vocab_size=vocab_size)
+    if _single_stage(model):
+        results = []
+        for rows in slices:
+            logp = response_logprobs(model, gen, rows, **kw)
+            if loss_of is None:
+                results.append(logp)
+            else:
+                loss, info = loss_of(rows, logp)
+                loss.backward()
+                results.append(info)
+        return results
+    return _pipeline_micro_batches(model, gen, slices, loss_of, **kw)
+
+
+def _pipeline_micro_batches(model, gen, slices, loss_of, *, temperature, vocab_size) -> list:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    # The schedule sends [seq, micro-batch, hidden] tensors of one shape: a short last
+    # micro-batch is filled up with copies of its last row, which no loss reads.
+    n, size = gen.response_ids.size(0), max(s.stop - s.start for s in slices)
+    tokens, valid = gen.sequences, gen.attention_valid
+    if len(slices) * size > n:
+        extra = len(slices) * size - n
+        tokens = torch.cat([tokens, tokens[-1:].expand(extra, -1)])
+        valid = torch.cat([valid, valid[-1:].expand(extra, -1)])
+    width = gen.prompt_ids.size(1)
+    positions = torch.arange(tokens.size(1) - 1, device=tokens.device).expand(size, -1)
+    results: list = []
+
+    def forward_step(data_iterator, stage):
+        rows = next(data_iterator)
+        padded = slice(rows.start, rows.start + size)
+        output = stage(tokens[padded, :-1], positions, causal_padding_mask(valid[padded, :-1]))
+
+        def loss_func(logits):
+            real = logits[: rows.stop - rows.start, width - 1 :]
+            logp = token_logprobs(real, tokens[rows, width:], **kw)
+            if loss_of is None:
+                results.append(logp)
+                return logp.sum() * 0.0, {}
+            loss, info = loss_of(rows, logp)
+            results.append(info)
+            # The schedule divides by the number of micro-batches; ours are already summed
+            # shares of the whole batch's loss.
+            return loss * len(slices), {}
+
+        return output, loss_func
+
+    kw = dict(temperature=temperature, vocab_size=vocab_size)
+    config = model.config
+    finalize, config.finalize_model_grads_func = config.finalize_model_grads_func, None
+    try:  # gradients are synchronized by the optimizer step, as with one stage
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(slices),
+            model=[model],
+            num_microbatches=len(slices),
+            seq_length=tokens.size(1) - 1,
+            micro_batch_size=size,
+            forward_only=loss_of is None,
+        )
+    finally:
+        config.finalize_model_grads_func = finalize
+    return results
+
+
+def _from_last_stage(model, values: dict) -> dict:
+    """The last pipeline stage's `values` on every stage."""
+    if _single_stage(model):
+        return values
+    from megatron.core import parallel_state as ps
+
+    payload = [values]
+    dist.broadcast_object_list(
+        payload,
+        src=ps.get_pipeline_model_parallel_last_rank(),
+        group=ps.get_pipeline_model_parallel_group(),
+    )
+    return payload[0]
 
 
 def grpo_step(
@@ -116,41 +225,50 @@ def grpo_step(
     with _timed(metrics, "t_logprob"), torch.no_grad():
         was_training = model.training
         model.eval()
-        old = torch.cat([response_logprobs(model, gen, s, **kw) for s in slices])
+        old = _cat(run_micro_batches(model, gen, slices, **kw))
         model.train(was_training)
         ref = None
         if config.beta > 0:
             ref_model.eval()
-            ref = torch.cat([response_logprobs(ref_model, gen, s, **kw) for s in slices])
+            ref = _cat(run_micro_batches(ref_model, gen, slices, **kw))
     if config.loss_aggregation == "token":
         normalizer = float(loss_mask.sum().clamp(min=1))
     else:
         normalizer = float(n)
+
+    def loss_of(rows: slice, logp: torch.Tensor):
+        out = clipped_policy_loss(
+            logp,
+            old[rows],
+            advantages[rows],
+            loss_mask[rows],
+            clip_eps=config.clip_eps,
+            beta=config.beta,
+            ref_logprobs=None if ref is None else ref[rows],
+            aggregation=config.loss_aggregation,
+            normalizer=normalizer,
+        )
+        share = float(out.num_tokens) / max(float(loss_mask.sum()), 1.0)
+        info = {"loss": float(out.loss), "clip_frac": float(out.clip_frac) * share}
+        info["kl"] = float(out.kl) * share
+        return out.loss, info
+
     totals = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
     with _timed(metrics, "t_update"):
         for _ in range(config.num_iterations):
             optimizer.zero_grad()
-            for s in slices:
-                logp = response_logprobs(model, gen, s, **kw)
-                out = clipped_policy_loss(
-                    logp,
-                    old[s],
-                    advantages[s],
-                    loss_mask[s],
-                    clip_eps=config.clip_eps,
-                    beta=config.beta,
-                    ref_logprobs=None if ref is None else ref[s],
-                    aggregation=config.loss_aggregation,
-                    normalizer=normalizer,
-                )
-                out.loss.backward()
-                share = float(out.num_tokens) / max(float(loss_mask.sum()), 1.0)
-                totals["loss"] += float(out.loss) / config.num_iterations
-                totals["clip_frac"] += float(out.clip_frac) * share / config.num_iterations
-                totals["kl"] += float(out.kl) * share / config.num_iterations
+            for info in run_micro_batches(model, gen, slices, loss_of=loss_of, **kw):
+                for key in totals:
+                    totals[key] += info[key] / config.num_iterations
             if hasattr(model, "finish_grad_sync"):
                 model.finish_grad_sync()
             optimizer.step()
+    drift = math.nan
+    if old is not None:
+        # How far the sampler's log-probs are from the training forward's (rollout-engine drift).
+        drift = float(((gen.logprobs - old).abs() * gen.response_mask).max())
+    totals["sampler_logprob_diff"] = drift
+    totals = _from_last_stage(model, totals)  # the losses exist on the last pipeline stage
     lengths = gen.response_mask.sum(dim=1).float()
     metrics.update(batch.metrics)
     metrics.update(totals)
@@ -158,7 +276,5 @@ def grpo_step(
         zero_variance_frac=batch.zero_variance_frac,
         response_len_mean=float(lengths.mean()),
         groups=len(batch.prompts),
-        # How far the sampler's log-probs are from the training forward's (rollout-engine drift).
-        sampler_logprob_diff=float(((gen.logprobs - old).abs() * gen.response_mask).max()),
     )
     return metrics

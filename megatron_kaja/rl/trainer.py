@@ -116,17 +116,16 @@ def build_reward_fn(cfg: GRPORunConfig):
     return WeightedReward(terms)
 
 
-def tensor_parallel_shared(reward_fn):
-    """Score on TP rank 0 only and share the result: TP ranks hold identical rollouts, so
-    the judge sees each completion once per data-parallel rank, not once per TP rank."""
+def model_parallel_shared(reward_fn):
+    """Score on the first rank of each model-parallel group (TP x PP) only and share the
+    result: those ranks hold identical rollouts, so the judge sees each completion once per
+    data-parallel rank, not once per TP or pipeline rank."""
     from megatron.core import parallel_state as ps
 
     def reward(prompts, completions, **columns):
-        group = ps.get_tensor_model_parallel_group()
+        group = ps.get_model_parallel_group()
         payload = [
-            reward_fn(prompts, completions, **columns)
-            if ps.get_tensor_model_parallel_rank() == 0
-            else None
+            reward_fn(prompts, completions, **columns) if dist.get_rank(group=group) == 0 else None
         ]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
         return payload[0]
@@ -183,7 +182,9 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     """Run GRPO as configured; returns the last step's metrics."""
     from transformers import AutoTokenizer
 
-    layout = initialize_model_parallel(cfg.tensor_model_parallel_size, 1, seed=cfg.seed)
+    layout = initialize_model_parallel(
+        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
+    )
     cfg.check_launched_world(layout.world_size)
     dp = layout.data_parallel_size
     if cfg.global_batch_size % (cfg.num_generations * dp):
@@ -198,7 +199,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     # errors name file and line, before compute
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
-    reward_fn = tensor_parallel_shared(build_reward_fn(cfg))
+    reward_fn = model_parallel_shared(build_reward_fn(cfg))
     arch, ckpt_vocab, resume, weights = resolve_model_source(cfg, "grpo")
     cfg.check_preset(arch, f"--load {cfg.load}")
     steps_per_epoch = max(1, len(prompts) // grpo.prompts_per_step)
@@ -237,9 +238,9 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     if is_writer:
         logger.info(
             "%d prompts, %d steps, %d prompts x %d generations per step (%d per DP rank), "
-            "DP=%d TP=%d, %s rollout engine",
+            "DP=%d TP=%d PP=%d, %s rollout engine",
             len(prompts), train_iters, grpo.prompts_per_step, grpo.num_generations,
-            per_rank, dp, tp, cfg.rollout_engine,
+            per_rank, dp, tp, cfg.pipeline_model_parallel_size, cfg.rollout_engine,
         )  # fmt: skip
     schedule = PromptSchedule(prompts, cfg.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id

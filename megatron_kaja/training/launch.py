@@ -248,11 +248,14 @@ def plan_grpo(cfg) -> int:
     arch, source = resolve_architecture(cfg.load, cfg)
     report.add(describe_arch(arch, source))
     world, world_source = world_size_for_plan(cfg)
-    tp = cfg.tensor_model_parallel_size
-    report.check_layout(arch, tp, 1)
-    if world % tp:
-        raise ConfigError(f"{world} processes cannot hold --tensor-model-parallel-size {tp}")
-    dp = world // tp
+    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+    report.check_layout(arch, tp, pp)
+    if world % (tp * pp):
+        raise ConfigError(
+            f"{world} processes cannot hold --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    dp = world // (tp * pp)
     grpo = cfg.grpo_config()
     if cfg.global_batch_size % (cfg.num_generations * dp):
         raise ConfigError(
@@ -264,7 +267,8 @@ def plan_grpo(cfg) -> int:
     seq = cfg.max_prompt_length + cfg.max_new_tokens
     report.add(f"world: {world} processes ({world_source})")
     report.add(
-        f"layout: TP={tp} x DP={dp}; {grpo.prompts_per_step} prompts x {cfg.num_generations} "
+        f"layout: TP={tp} x PP={pp} x DP={dp}; {grpo.prompts_per_step} prompts x "
+        f"{cfg.num_generations} "
         f"generations = {cfg.global_batch_size} completions per step, {per_rank} per DP rank "
         f"= micro-batch {cfg.micro_batch_size} x {accumulation} accumulation steps; sequences "
         f"<= {cfg.max_prompt_length} prompt + {cfg.max_new_tokens} new tokens; "
@@ -288,6 +292,7 @@ def plan_grpo(cfg) -> int:
     report.check_tokenizer(cfg.tokenizer, arch)
     layout = TrainingLayout(
         tensor_parallel=tp,
+        pipeline_parallel=pp,
         data_parallel=dp,
         micro_batch_size=cfg.micro_batch_size,
         seq_length=seq,

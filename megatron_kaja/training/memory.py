@@ -220,8 +220,9 @@ def estimate_grpo_memory(
 
     `rollout_sequences` are sampled at once (a rank's share, or --rollout-batch-size) before
     the update's forward, so the rollout memory and the training activations are never live
-    together. `builtin` holds only its KV cache (TP-sharded); `hf` keeps an unsharded copy of
-    the weights on TP rank 0 all along, plus an unsharded KV cache; `vllm` takes its
+    together. `builtin` holds only its KV cache (split by TP and by pipeline stage); `hf`
+    keeps an unsharded copy of the weights on TP rank 0 all along, plus an unsharded KV
+    cache; `vllm` takes its
     `vllm_bytes` (--rollout-gpu-memory-utilization of the GPU) while awake and releases
     weights and cache before the update (sleep level 2).
     """
@@ -240,8 +241,9 @@ def estimate_grpo_memory(
         estimate.other_phase["rollout KV cache"] = kv_cache_bytes(
             arch, rollout_sequences, tokens, 1
         )
-    else:
-        estimate.other_phase["rollout KV cache"] = kv_cache_bytes(
-            arch, rollout_sequences, tokens, layout.tensor_parallel
+    else:  # each pipeline stage caches its own layers
+        estimate.other_phase["rollout KV cache"] = (
+            kv_cache_bytes(arch, rollout_sequences, tokens, layout.tensor_parallel)
+            // layout.pipeline_parallel
         )
     return estimate

@@ -95,9 +95,11 @@ def test_hf_judge_dp2_resume_is_exact(grpo_setup, tiny_hf_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_hf_engine_tp2_syncs_weights_and_resumes_exactly(grpo_setup, tiny_hf_dir, tmp_path):
+def test_hf_engine_tp2_and_pipeline_parallel_runs(grpo_setup, tiny_hf_dir, tmp_path):
     """TP=2 with the hf rollout engine sampling 4 sequences at a time: the trainer's weights
-    reach it before every step (t_sync), and an interrupted run resumes exactly."""
+    reach it before every step (t_sync), and an interrupted run resumes exactly. In the same
+    launch, the trainer at PP=2 equals it at TP=2 with the builtin engine (both equal one
+    process: the sampler and the update do the same arithmetic split differently)."""
     a = lambda name, *extra: _args(  # noqa: E731
         grpo_setup, tiny_hf_dir, tmp_path / name, "--reward", "refusal_with_reason",
         "--rollout-engine", "hf", "--rollout-batch-size", "4",
@@ -112,7 +114,28 @@ def test_hf_engine_tp2_syncs_weights_and_resumes_exactly(grpo_setup, tiny_hf_dir
             str(tmp_path / "resumed"),
         ],
     ]
+    split = lambda name, *extra: _args(  # noqa: E731
+        grpo_setup, tiny_hf_dir, tmp_path / name, "--reward", "judge", "--judge-backend", "hf",
+        "--judge-model", str(tiny_hf_dir), "--train-iters", "2", "--micro-batch-size", "3",
+        *extra,
+    )  # fmt: skip
+    runs += [
+        split("tp2", "--tensor-model-parallel-size", "2"),
+        split("pp2", "--pipeline-model-parallel-size", "2"),
+    ]
     run_torchrun(WORKER, 2, json.dumps([{"entry": "grpo", "argv": r} for r in runs]))
+    tp2, pp2 = (
+        _metrics(tmp_path / "tp2" / "metrics.jsonl"),
+        _metrics(tmp_path / "pp2" / "metrics.jsonl"),
+    )
+    assert [m["step"] for m in pp2] == [1, 2]
+    assert all(m["reward_std"] > 0 and m["grad_norm"] > 1e-3 for m in tp2)  # a real signal
+    for a, b in zip(tp2, pp2, strict=True):
+        for key in ("reward_mean", "response_len_mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        for key in ("loss", "kl", "clip_frac"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
     full = _metrics(tmp_path / "full" / "metrics.jsonl")
     assert [m["step"] for m in full] == [1, 2, 3, 4]
     assert all(m["t_sync"] > 0 and m["response_len_mean"] > 0 for m in full)
@@ -166,8 +189,10 @@ def test_bad_prompt_file_and_settings_fail_early(grpo_setup, tiny_hf_dir, tmp_pa
         load_config([*base, "--prompts", "x.jsonl:harmful"], GRPORunConfig)
     with pytest.raises(ConfigError, match="--judge-model"):
         load_config([*base, "--reward", "judge"], GRPORunConfig)
-    with pytest.raises(ConfigError, match="pipeline-model-parallel-size must be 1"):
-        load_config([*base, "--pipeline-model-parallel-size", "2"], GRPORunConfig)
+    with pytest.raises(ConfigError, match="--pipeline-model-parallel-size 2 needs --rollout-e"):
+        load_config(
+            [*base, "--pipeline-model-parallel-size", "2", "--rollout-engine", "hf"], GRPORunConfig
+        )
     with pytest.raises(ConfigError, match="num_generations"):
         load_config([*base, "--num-generations", "1"], GRPORunConfig)
     with pytest.raises(

@@ -29,7 +29,7 @@ from megatron_kaja.rl.engines import HFEngine
 from megatron_kaja.rl.losses import token_logprobs
 from megatron_kaja.rl.rollout import prompt_record
 from megatron_kaja.rl.sampler import SamplingParams, causal_padding_mask, generate
-from megatron_kaja.rl.step import grpo_step
+from megatron_kaja.rl.step import grpo_step, run_micro_batches
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 99, 17], [1, 300, 301, 302, 12]]
 
@@ -99,7 +99,7 @@ def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
         return [float(len(c) % 3 == 0) for c in completions]
 
     config = GRPOConfig(max_new_tokens=4, global_batch_size=16, micro_batch_size=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     metrics = grpo_step(
         model,
         ref,
@@ -117,10 +117,73 @@ def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
     return result
 
 
+def run_pipeline(pp: int, hf_dir: str, mcore_dir: str) -> dict:
+    """Sampling and a GRPO step (uneven micro-batches: 12 completions in 8 + 4) at PP=`pp`;
+    the results of the last stage."""
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
+    parallel_state.destroy_model_parallel()
+    initialize_model_parallel(1, pp, seed=5)
+    arch = LlamaArch.from_hf_config(hf_dir)
+    model, ref = build_gpt_model(arch), build_gpt_model(arch)
+    for m in (model, ref):
+        load_mcore_weights(m, mcore_dir)
+    common = dict(eos_token_id=arch.eos_token_id, pad_token_id=4, vocab_size=arch.vocab_size)
+    greedy = generate(model, PROMPTS, SamplingParams(10, temperature=0.0), **common)
+    sampled = generate(
+        model, PROMPTS * 4, SamplingParams(10, temperature=0.8, top_p=0.9),
+        generator=torch.Generator().manual_seed(3), **common,
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    prompts = [
+        prompt_record(tok, {"text": q}, "helpful") for q in ("日本の首都は。", "料理を教えて。")
+    ]
+
+    def reward(prompts, completions, **columns):
+        return [float(len(c) % 3 == 0) for c in completions]
+
+    def fixed_logprobs():  # the sampled rows, in micro-batches of 8 and 4
+        model.eval()
+        with torch.no_grad():
+            parts = run_micro_batches(
+                model, sampled, [slice(0, 8), slice(8, 12)], temperature=0.9,
+                vocab_size=arch.vocab_size,
+            )  # fmt: skip
+        return torch.cat(parts).tolist() if parts else None  # on the last stage only
+
+    before = fixed_logprobs()
+    config = GRPOConfig(
+        max_new_tokens=4, num_generations=4, global_batch_size=12, micro_batch_size=8
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    metrics = grpo_step(
+        model, ref, opt, itertools.cycle(prompts), reward, config,
+        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        generator=torch.Generator().manual_seed(0), **common,
+    )  # fmt: skip
+    result = {
+        "greedy": greedy.response_ids.tolist(),
+        "sampled": sampled.response_ids.tolist(),
+        "sampled_logprobs": sampled.logprobs.tolist(),
+        "step": {k: metrics[k] for k in ("reward_mean", "loss", "kl", "response_len_mean")},
+        "logprobs_before_step": before,
+        "logprobs_after_step": fixed_logprobs(),
+    }
+    payload = [result]
+    dist.broadcast_object_list(
+        payload,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return payload[0]
+
+
 def main() -> None:
     hf_dir, mcore_dir, out = sys.argv[1:4]
     init_process_group()
     results = {f"tp{tp}": run_layout(tp, hf_dir, mcore_dir) for tp in (1, 2)}
+    results.update({f"pp{pp}": run_pipeline(pp, hf_dir, mcore_dir) for pp in (1, 2)})
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f)
