@@ -97,7 +97,9 @@ class Rubric(BaseModel):
         values: dict[str, str] = {}
         for name in SAMPLE_FIELDS:
             value = fields.get(name)
-            if value is None or value == "":
+            # An empty answer is still the answer under judgement (a model that stops at once
+            # is judged, not skipped); other empty fields fall back to the rubric's defaults.
+            if value is None or (value == "" and name != "pred"):
                 value = self.defaults.get(name)
             if value is not None:
                 values[name] = fence(value) if self.fence else value

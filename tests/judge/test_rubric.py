@@ -51,6 +51,12 @@ def test_missing_field_and_defaults():
     helpful = load_rubric("grpo_helpful")
     user = helpful.render({"input_text": "q", "output_text": "r", "pred": "a"}, "choice")[1]
     assert "問題固有の採点基準\n```\n特になし\n```" in user["content"]
+    # An empty answer (a model that stopped at once) is judged as such, not an error; a
+    # missing one is.
+    user = helpful.render({"input_text": "q", "output_text": "r", "pred": ""}, "choice")[1]
+    assert user["content"].endswith("# 回答\n```\n\n```")
+    with pytest.raises(KeyError, match="'pred'"):
+        helpful.render({"input_text": "q", "output_text": "r"}, "choice")
 
 
 def test_bad_rubric_files_fail_naming_the_file(tmp_path):
