@@ -17,6 +17,7 @@ from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.data.readers import read_records
 from megatron_kaja.data.records import DataFormatError
 from megatron_kaja.data.sources import DataSource
+from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import training_vocab_size
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.parallel.distributed import initialize_model_parallel
@@ -134,7 +135,8 @@ def tensor_parallel_shared(reward_fn):
 
 
 class _MegatronOptimizerStep:
-    """`zero_grad()` / `step()` for `grpo_step` over megatron DDP + the megatron optimizer."""
+    """`zero_grad()` / `step()` for `grpo_step` over megatron DDP + the run's optimizer
+    (megatron's, or bitsandbytes' 8-bit AdamW)."""
 
     def __init__(self, stack):
         self.stack = stack
@@ -181,6 +183,8 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     """Run GRPO as configured; returns the last step's metrics."""
     from transformers import AutoTokenizer
 
+    if cfg.optimizer != "adam":
+        require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
     layout = initialize_model_parallel(cfg.tensor_model_parallel_size, 1, seed=cfg.seed)
     cfg.check_launched_world(layout.world_size)
     dp = layout.data_parallel_size
