@@ -214,18 +214,8 @@ def test_missing_bitsandbytes_fails_before_any_compute(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     flags = ["--optimizer", "paged_adamw_8bit", "--tokenizer", str(tmp_path)]
     sft = load_config([*flags, "--train-data", "a.jsonl"])
-    grpo = load_config(
-        [
-            *flags,
-            "--load",
-            str(tmp_path),
-            "--prompts",
-            "p.jsonl:safety",
-            "--reward",
-            "length_penalty",
-        ],
-        GRPORunConfig,
-    )
+    prompts = ["--load", str(tmp_path), "--prompts", "p.jsonl:safety", "--reward", "length_penalty"]
+    grpo = load_config([*flags, *prompts], GRPORunConfig)
     message = r"--optimizer paged_adamw_8bit needs the package 'bitsandbytes'.*\[bnb\]"
     for entry, cfg in ((train, sft), (train_grpo, grpo)):
         with pytest.raises(MissingExtraError, match=message):

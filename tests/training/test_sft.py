@@ -1,4 +1,5 @@
-"""pretrain_sft.py under torchrun: TP / DP / PP equal losses, exact resume, schedule, HF parity."""
+"""pretrain_sft.py under torchrun: TP / DP / PP equal losses, exact resume, schedule, HF parity,
+and the same for bitsandbytes' 8-bit AdamW (--optimizer paged_adamw_8bit)."""
 
 import json
 import math
@@ -174,11 +175,11 @@ def test_paged_adamw_8bit_trains_like_adam(runs):
     """bitsandbytes' 8-bit AdamW starts from the same loss and gradient norm as megatron's
     Adam (same weights and batch) and then learns alike; at TP=2 the gradient norm is TP=1's
     (the replicated norm weights count once, the TP shards are summed), and so is PP=2's."""
-    adam, bnb = _metrics(runs / "tp1" / "metrics.jsonl"), _metrics(runs / "bnb" / "metrics.jsonl")
-    tp2 = _metrics(runs / "bnb_tp2" / "metrics.jsonl")
+    adam, bnb, tp2, pp2 = (
+        _metrics(runs / name / "metrics.jsonl") for name in ("tp1", "bnb", "bnb_tp2", "bnb_pp2")
+    )
     assert bnb[0]["loss"] == adam[0]["loss"]
     assert bnb[0]["grad_norm"] == pytest.approx(adam[0]["grad_norm"], rel=1e-6)
-    pp2 = _metrics(runs / "bnb_pp2" / "metrics.jsonl")
     for parallel in (tp2, pp2):
         assert parallel[0]["grad_norm"] == pytest.approx(bnb[0]["grad_norm"], rel=1e-5)
 
