@@ -39,6 +39,9 @@ EXTRAS = {
         "autoawq",
         "bitsandbytes",
     ],
+    # bitsandbytes' 8-bit optimizers (--optimizer paged_adamw_8bit) on their own, for CPU
+    # machines too (CPU optimizer kernels: bitsandbytes PR #1901; tested with 0.50.2).
+    "bnb": ["bitsandbytes>=0.50.2"],
     # bench/packing.py compares our packer with TRL's best-fit-decreasing packing.
     "bench": ["trl"],
     "test": [
@@ -49,6 +52,7 @@ EXTRAS = {
         # Parity tests of tools/merge_models.py against mergekit (tests/merge); its deps
         # (accelerate, peft, ...) leave a CPU torch in place.
         "mergekit>=0.1.5,<0.2",
+        "bitsandbytes>=0.50.2",  # the 8-bit optimizer tests run its CPU kernels
     ],
 }
 

@@ -11,7 +11,7 @@ OPTIONAL_MODULES = {
     "transformer_engine": ("gpu", "the transformer-engine layer spec"),
     "vllm": ("gpu", "vLLM generation backends"),
     "awq": ("gpu", "AWQ-quantized judges (autoawq)"),
-    "bitsandbytes": ("gpu", "8-bit optimizers"),
+    "bitsandbytes": ("bnb", "8-bit optimizers"),  # in the gpu extra too; also runs on CPU
     "apex": (None, "apex fused kernels"),
 }
 

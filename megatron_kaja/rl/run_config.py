@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.training.config import OptimizerName, check_optimizer_flags
 from megatron_kaja.training.launch import LaunchSettings
 
 
@@ -53,6 +54,7 @@ class GRPORunConfig(LaunchSettings):
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
     bf16: bool = False
+    optimizer: OptimizerName = "adam"  # the seed's recipe: paged_adamw_8bit
     use_distributed_optimizer: bool = False
     # batches count completions: seed = 8 per device x 8 accumulation x 8 GPUs = 512
     micro_batch_size: int = Field(default=8, gt=0)
@@ -94,8 +96,7 @@ class GRPORunConfig(LaunchSettings):
             raise ValueError("--reward judge needs --judge-model (and --judge-base-url for openai)")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
-        if self.bf16 and self.save is not None and not self.use_distributed_optimizer:
-            raise ValueError("--bf16 with --save needs --use-distributed-optimizer")
+        check_optimizer_flags(self)
         if self.metrics_file is None and self.save is not None:
             self.metrics_file = self.save / "metrics.jsonl"
         self.grpo_config()  # validates the algorithm settings now, naming the field

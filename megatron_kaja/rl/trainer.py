@@ -135,7 +135,8 @@ def model_parallel_shared(reward_fn):
 
 
 class _MegatronOptimizerStep:
-    """`zero_grad()` / `step()` for `grpo_step` over megatron DDP + the megatron optimizer."""
+    """`zero_grad()` / `step()` for `grpo_step` over megatron DDP + the run's optimizer
+    (megatron's, or bitsandbytes' 8-bit AdamW)."""
 
     def __init__(self, stack):
         self.stack = stack
@@ -182,6 +183,8 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     """Run GRPO as configured; returns the last step's metrics."""
     from transformers import AutoTokenizer
 
+    if cfg.optimizer != "adam":
+        require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
     layout = initialize_model_parallel(
         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
     )

@@ -4,11 +4,19 @@ Layout (Megatron-LM's, so its tools recognise it)::
 
     SAVE/latest_checkpointed_iteration.txt
     SAVE/iter_0000100/   torch_dist: model + optimizer tensors, common.pt, megatron_kaja.json
+    SAVE/iter_0000100/bnb_optimizer/tp000_pp000.pt   with an 8-bit --optimizer: its state,
+                         one file per model-parallel rank (not in the torch_dist tensors)
 
 A save writes `SAVE/.iter_0000100.tmp`, renames it into place and only then rewrites the
 tracker file (itself via an atomic rename), so a kill at any moment leaves the previous
 checkpoint loadable. Model tensors use the same keys as converted checkpoints: a training
 checkpoint converts to HF with `tools/convert_checkpoint.py mcore-to-hf` directly.
+
+bitsandbytes' 8-bit optimizer state (`--optimizer adamw_8bit / paged_adamw_8bit`) is
+quantized in blocks of 256 values of each rank's own shard: it cannot be resharded exactly,
+so it is saved per TP x PP rank (by data-parallel rank 0: the DP ranks hold the same state)
+with plain `torch.save`, and a resume must keep TP and PP. The weights still go through the
+dist checkpoint and reshard as usual.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_kaja.checkpoint.convert import McoreCheckpointMeta
+from megatron_kaja.training.bnb_optimizer import BNB_OPTIMIZERS
+from megatron_kaja.training.errors import ConfigError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
@@ -98,13 +108,60 @@ def _rng_object(data=None):
 
 
 def _state_template(stack, is_loading: bool, optimizer_sharding: str) -> dict:
-    model_state = stack.model.sharded_state_dict()
-    optimizer_state = stack.optimizer.sharded_state_dict(
-        model_state,
-        is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": optimizer_sharding},
-    )
-    return {"model": model_state, "optimizer": optimizer_state}
+    state = {"model": stack.model.sharded_state_dict()}
+    if stack.optimizer_kind == "adam":  # an 8-bit optimizer saves its own files
+        state["optimizer"] = stack.optimizer.sharded_state_dict(
+            state["model"],
+            is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": optimizer_sharding},
+        )
+    return state
+
+
+def _optimizer_info(stack) -> dict:
+    """What a resume needs to know of the optimizer that saved: its kind and the TP x PP
+    layout its per-rank state belongs to (kept in the common state)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "kind": stack.optimizer_kind,
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+    }
+
+
+def bnb_state_file(ckpt: Path, tp_rank: int, pp_rank: int) -> Path:
+    """The file of one model-parallel rank's 8-bit optimizer state in checkpoint `ckpt`."""
+    return Path(ckpt) / "bnb_optimizer" / f"tp{tp_rank:03d}_pp{pp_rank:03d}.pt"
+
+
+def check_optimizer_resumable(ckpt: Path, saved: dict | None, current: dict) -> None:
+    """Refuse, naming both sides, a resume whose optimizer state this run cannot use.
+
+    The two 8-bit kinds keep the same state (paging only decides where it lives), so they
+    resume each other; megatron's Adam and bitsandbytes' do not. 8-bit state resumes only at
+    the TP x PP layout that saved it; the data-parallel size may change.
+    """
+    saved = saved or {"kind": "adam"}  # checkpoints from before --optimizer
+    if (saved["kind"] in BNB_OPTIMIZERS) != (current["kind"] in BNB_OPTIMIZERS):
+        raise ConfigError(
+            f"{ckpt} holds the state of --optimizer {saved['kind']}, which --optimizer "
+            f"{current['kind']} cannot resume: resume with --optimizer {saved['kind']}, or "
+            f"start a new run from its weights with --load {ckpt}"
+        )
+    if current["kind"] not in BNB_OPTIMIZERS:
+        return
+
+    def layout(record: dict) -> str:
+        return f"TP={record['tensor_parallel']} PP={record['pipeline_parallel']}"
+
+    if layout(saved) != layout(current):
+        raise ConfigError(
+            f"{ckpt}: its --optimizer {saved['kind']} state was saved at {layout(saved)}, "
+            f"this run is {layout(current)}; block-quantized 8-bit states cannot be "
+            f"resharded: resume at {layout(saved)}, or start a new run from its weights "
+            f"(which reshard) with --load {ckpt}"
+        )
 
 
 def save_checkpoint(
@@ -141,11 +198,20 @@ def save_checkpoint(
         world_size=dist.get_world_size(),
         optimizer_sharding=sharding,
         run_kind=run_kind,
+        optimizer_info=_optimizer_info(stack),  # beside "optimizer", the state itself
         scheduler=stack.scheduler.state_dict(),
         sampler=sampler_state,
         config=config,
     )
     dist_checkpointing.save(state, str(tmp))
+    if stack.optimizer_kind != "adam" and ps.get_data_parallel_rank() == 0:
+        # No temporary file needed: the iteration folder only appears, renamed, once every
+        # rank has written.
+        path = bnb_state_file(
+            tmp, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        )
+        path.parent.mkdir(exist_ok=True)
+        torch.save(stack.optimizer.state_dict(), path)
     dist.barrier()
     if dist.get_rank() == 0:
         McoreCheckpointMeta(
@@ -208,6 +274,7 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     restored only when the world size matches the one that saved them.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import load_common_state_dict
 
     iteration = latest_iteration(root, run_kind)
@@ -215,7 +282,10 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
         raise FileNotFoundError(f"{root}: no {run_kind or 'training'} checkpoint to resume")
     ckpt = iteration_dir(root, iteration)
     common = load_common_state_dict(str(ckpt))
-    _materialize_optimizer_state(stack.optimizer)
+    check_optimizer_resumable(ckpt, common.get("optimizer_info"), _optimizer_info(stack))
+    megatron_optimizer = stack.optimizer_kind == "adam"
+    if megatron_optimizer:
+        _materialize_optimizer_state(stack.optimizer)
     template = _state_template(
         stack,
         is_loading=True,
@@ -226,12 +296,18 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
         template["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(template, str(ckpt))
     stack.model.load_state_dict(loaded["model"])
-    # The optimizer's fp32 main params were copied from the weights at construction: refresh
-    # them from the loaded weights (the optimizer state below overwrites what it holds).
-    stack.optimizer.reload_model_params()
-    with torch.no_grad():  # the distributed optimizer copies into its fp32 main params in place
-        stack.optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(stack.optimizer)
+    if megatron_optimizer:
+        # The optimizer's fp32 main params were copied from the weights at construction:
+        # refresh them from the loaded weights (the state below overwrites what it holds).
+        stack.optimizer.reload_model_params()
+        with torch.no_grad():  # the distributed optimizer copies into its main params in place
+            stack.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(stack.optimizer)
+    else:
+        path = bnb_state_file(
+            ckpt, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+        )
+        stack.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     stack.scheduler.load_state_dict(loaded["scheduler"])
     if same_world:
         _set_rng_state(loaded["rng_state"])

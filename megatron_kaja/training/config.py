@@ -17,7 +17,41 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from megatron_kaja.training.errors import ConfigError
 from megatron_kaja.training.launch import LaunchSettings
 
-__all__ = ["ConfigError", "SFTConfig", "build_parser", "load_config"]
+__all__ = [
+    "ConfigError",
+    "OptimizerName",
+    "SFTConfig",
+    "build_parser",
+    "check_optimizer_flags",
+    "load_config",
+]
+
+# `--optimizer`, Megatron-LM's flag: megatron's Adam, or bitsandbytes' 8-bit AdamW
+# (megatron_kaja/training/bnb_optimizer.py).
+OptimizerName = Literal["adam", "adamw_8bit", "paged_adamw_8bit"]
+
+
+def check_optimizer_flags(cfg) -> None:
+    """The `--optimizer` rules shared by SFT's and GRPO's configs (raises ValueError).
+
+    - bitsandbytes' 8-bit optimizers keep one unsharded state per model-parallel rank:
+      megatron's distributed optimizer does not apply to them.
+    - megatron-core 0.16.1's non-distributed bf16 optimizer fails to map its state onto the
+      model's sharded tensors when saving a dist checkpoint; the 8-bit optimizers save their
+      state beside it (checkpointing.py), so they save under --bf16.
+    """
+    if cfg.optimizer != "adam" and cfg.use_distributed_optimizer:
+        raise ValueError(
+            f"--optimizer {cfg.optimizer} keeps its own unsharded 8-bit state: drop "
+            "--use-distributed-optimizer (or use --optimizer adam)"
+        )
+    adam = cfg.optimizer == "adam"
+    if adam and cfg.bf16 and cfg.save is not None and not cfg.use_distributed_optimizer:
+        raise ValueError(
+            "--bf16 with --save needs --use-distributed-optimizer (the non-distributed bf16 "
+            "optimizer of megatron-core 0.16.1 cannot save a dist checkpoint) or an 8-bit "
+            "--optimizer (adamw_8bit, paged_adamw_8bit)"
+        )
 
 
 class SFTConfig(LaunchSettings):
@@ -51,6 +85,7 @@ class SFTConfig(LaunchSettings):
     adam_eps: float = 1e-8
     clip_grad: float = Field(default=1.0, ge=0)
     bf16: bool = False
+    optimizer: OptimizerName = "adam"
     use_distributed_optimizer: bool = False
     dist_ckpt_optim_fully_reshardable: bool = False
     # parallelism and memory
@@ -89,13 +124,7 @@ class SFTConfig(LaunchSettings):
             raise ValueError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
-        if self.bf16 and self.save is not None and not self.use_distributed_optimizer:
-            # megatron-core 0.16.1's non-distributed bf16 optimizer fails to map its state
-            # onto the model's sharded tensors when saving a dist checkpoint.
-            raise ValueError(
-                "--bf16 with --save needs --use-distributed-optimizer (the non-distributed "
-                "bf16 optimizer of megatron-core 0.16.1 cannot save a dist checkpoint)"
-            )
+        check_optimizer_flags(self)
         if self.eval_interval is not None and not self.valid_data:
             raise ValueError("--eval-interval needs --valid-data")
         if self.recompute_activations and self.recompute_granularity is None:

@@ -195,6 +195,12 @@ def _recompute(granularity: str | None) -> str:
     return granularity or "none"
 
 
+def _describe_optimizer(cfg) -> str:
+    if cfg.optimizer != "adam":
+        return f"{cfg.optimizer} optimizer (bitsandbytes, replicated)"
+    return f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer"
+
+
 def plan_sft(cfg) -> int:
     """`pretrain_sft.py --dry-run`: check the run as configured, print layout and memory."""
     from megatron_kaja.data import parse_weighted_paths
@@ -213,7 +219,7 @@ def plan_sft(cfg) -> int:
         f"layout: TP={tp} x PP={pp} x DP={dp}; micro-batch {cfg.micro_batch_size} x "
         f"{accumulation} accumulation steps x DP {dp} = global batch {cfg.global_batch_size} "
         f"rows of {cfg.seq_length} tokens; recompute {_recompute(cfg.recompute_granularity)}; "
-        f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer; "
+        f"{_describe_optimizer(cfg)}; "
         f"{'bf16' if cfg.bf16 else 'fp32'}"
     )
     data = [s.path for s in parse_weighted_paths(cfg.train_data)]
@@ -234,6 +240,7 @@ def plan_sft(cfg) -> int:
         num_micro_batches=accumulation,
         recompute=_recompute(cfg.recompute_granularity),
         distributed_optimizer=cfg.use_distributed_optimizer,
+        optimizer=cfg.optimizer,
         bf16=cfg.bf16,
         flash_attention=cfg.transformer_impl != "local",
     )
@@ -272,7 +279,7 @@ def plan_grpo(cfg) -> int:
         f"generations = {cfg.global_batch_size} completions per step, {per_rank} per DP rank "
         f"= micro-batch {cfg.micro_batch_size} x {accumulation} accumulation steps; sequences "
         f"<= {cfg.max_prompt_length} prompt + {cfg.max_new_tokens} new tokens; "
-        f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer; "
+        f"{_describe_optimizer(cfg)}; "
         f"{'bf16' if cfg.bf16 else 'fp32'}; reference model: "
         f"{'yes (beta ' + str(cfg.beta) + ')' if cfg.beta > 0 else 'none (beta 0)'}"
     )
@@ -298,6 +305,7 @@ def plan_grpo(cfg) -> int:
         seq_length=seq,
         num_micro_batches=accumulation,
         distributed_optimizer=cfg.use_distributed_optimizer,
+        optimizer=cfg.optimizer,
         bf16=cfg.bf16,
     )
     report.add(

@@ -5,6 +5,10 @@ docs/distrib_optimizer.md): bf16 weights (2 B/param) with fp32 main gradients (4
 `grad_reduce_in_fp32`) and an fp32 master copy + Adam's two moments (12 B/param), i.e.
 18 B/param, or 6 + 12/DP B/param with the distributed optimizer, which shards the optimizer
 states over data-parallel ranks. In fp32: 4 + 4 + 8 (moments; the weights are the master).
+bitsandbytes' 8-bit AdamW (`--optimizer paged_adamw_8bit`) keeps the moments as uint8 codes
+with one fp32 absmax per 256 values each (~2.03 B/param) and no master copy; under bf16 its
+step also holds bf16 copies of the fp32 main gradients (2 B/param). Paged states can move to
+host memory under pressure; they are counted on the GPU.
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", Sec. 4), re-derived for the llm-jp-3 (Llama) block: RMSNorm, GQA,
@@ -59,6 +63,7 @@ class TrainingLayout:
     recompute: Recompute = "none"
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
+    optimizer: str = "adam"  # or an 8-bit bitsandbytes AdamW: "adamw_8bit", "paged_adamw_8bit"
     bf16: bool = True
     flash_attention: bool = True
 
@@ -177,10 +182,12 @@ def stage_activation_bytes(arch: LlamaArch, layout: TrainingLayout, stage: int) 
 def estimate_stage(arch: LlamaArch, layout: TrainingLayout, stage: int) -> MemoryEstimate:
     params = stage_params(arch, layout, stage)
     weight_bytes = 2 if layout.bf16 else 4
-    optimizer_bytes = 12 if layout.bf16 else 8  # (fp32 master +) Adam's exp_avg, exp_avg_sq
-    optimizer = params * optimizer_bytes
-    if layout.distributed_optimizer:
-        optimizer = -(-optimizer // layout.data_parallel)
+    if layout.optimizer == "adam":
+        optimizer = params * (12 if layout.bf16 else 8)  # (fp32 master +) exp_avg, exp_avg_sq
+        if layout.distributed_optimizer:
+            optimizer = -(-optimizer // layout.data_parallel)
+    else:  # two uint8 moments + their fp32 absmax per block of 256 (+ bf16 gradient copies)
+        optimizer = 2 * params + 8 * -(-params // 256) + (2 * params if layout.bf16 else 0)
     return MemoryEstimate(
         stage=stage,
         params=params,

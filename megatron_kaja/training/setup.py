@@ -1,4 +1,5 @@
-"""Model, megatron DDP, megatron optimizer and lr schedule for a training run."""
+"""Model, megatron DDP, optimizer (megatron's, or bitsandbytes' 8-bit AdamW) and lr schedule
+for a training run."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ from dataclasses import dataclass
 
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.model import build_gpt_model, default_transformer_impl
+from megatron_kaja.training.bnb_optimizer import Bnb8bitOptimizer
 
 
 @dataclass
 class TrainingStack:
     model: object  # this rank's GPTModel stage
     ddp: object  # the megatron DistributedDataParallel wrapper around it
-    optimizer: object
+    optimizer: object  # megatron's optimizer, or a Bnb8bitOptimizer
     scheduler: object
     transformer_impl: str
+    optimizer_kind: str  # the --optimizer value: "adam" (megatron) or a BNB_OPTIMIZERS key
 
 
 OPTIMIZER_FIELDS = (
@@ -27,6 +30,7 @@ OPTIMIZER_FIELDS = (
     "adam_beta2",
     "clip_grad",
     "bf16",
+    "optimizer",
     "use_distributed_optimizer",
 )
 
@@ -51,6 +55,7 @@ def build_training_stack(
     adam_eps: float = 1e-8,
     clip_grad: float = 1.0,
     bf16: bool = False,
+    optimizer: str = "adam",
     use_distributed_optimizer: bool = False,
     recompute_granularity: str | None = None,
     transformer_impl: str | None = None,
@@ -64,7 +69,12 @@ def build_training_stack(
     global batch, across micro-batches and data-parallel ranks, so the result does not
     depend on the DP x accumulation split. Without it (GRPO, whose step normalizes its own
     loss) gradients are averaged over data-parallel ranks.
+
+    `optimizer` "adam" is megatron's optimizer (fp32 master weights under bf16, optionally
+    distributed); "adamw_8bit" / "paged_adamw_8bit" is bitsandbytes' (`Bnb8bitOptimizer`),
+    fed by the same DDP gradient buffers.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -91,24 +101,37 @@ def build_training_stack(
         ),
         module=model,
     )
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
+    if optimizer == "adam":
+        optim = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=lr,
+                min_lr=min_lr,
+                weight_decay=weight_decay,
+                adam_beta1=adam_beta1,
+                adam_beta2=adam_beta2,
+                adam_eps=adam_eps,
+                clip_grad=clip_grad,
+                bf16=bf16,
+                params_dtype=model.config.params_dtype,
+                use_distributed_optimizer=use_distributed_optimizer,
+            ),
+            [ddp],
+        )
+    else:
+        optim = Bnb8bitOptimizer(
+            optimizer,
+            model,
             lr=lr,
-            min_lr=min_lr,
             weight_decay=weight_decay,
-            adam_beta1=adam_beta1,
-            adam_beta2=adam_beta2,
-            adam_eps=adam_eps,
+            betas=(adam_beta1, adam_beta2),
+            eps=adam_eps,
             clip_grad=clip_grad,
-            bf16=bf16,
-            params_dtype=model.config.params_dtype,
-            use_distributed_optimizer=use_distributed_optimizer,
-        ),
-        [ddp],
-    )
+            tp_group=ps.get_tensor_model_parallel_group(),
+            grad_stats_group=ps.get_model_parallel_group(),
+        )
     scheduler = OptimizerParamScheduler(
-        optimizer,
+        optim,
         init_lr=0.0 if lr_warmup_iters else lr,
         max_lr=lr,
         min_lr=min_lr,
@@ -121,6 +144,6 @@ def build_training_stack(
         wd_incr_style="constant",
     )
     model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.grad_scale_func = optimizer.scale_loss
+    model.config.grad_scale_func = optim.scale_loss
     model.config.no_sync_func = ddp.no_sync
-    return TrainingStack(model, ddp, optimizer, scheduler, impl)
+    return TrainingStack(model, ddp, optim, scheduler, impl, optimizer)

@@ -19,6 +19,7 @@ from megatron_kaja.data import (
     collate_packed_rows,
     parse_weighted_paths,
 )
+from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import LlamaArch, training_vocab_size
 from megatron_kaja.models.llama.forward import token_losses
 from megatron_kaja.parallel.distributed import ParallelLayout, initialize_model_parallel
@@ -210,6 +211,8 @@ def train(cfg: SFTConfig) -> dict:
     """Run SFT as configured; returns the last logged metrics (on every rank)."""
     from transformers import AutoTokenizer
 
+    if cfg.optimizer != "adam":
+        require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
     layout = initialize_model_parallel(
         cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
     )

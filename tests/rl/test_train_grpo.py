@@ -56,23 +56,52 @@ def _weights(ckpt):
     return out
 
 
-@pytest.mark.slow
-def test_hf_judge_dp2_resume_is_exact(grpo_setup, tiny_hf_dir, tmp_path):
-    """DP=2 with the in-process hf judge (a tiny model as judge): metrics hold every field,
-    and 2 steps + exit + 2 resumed steps equal 4 uninterrupted ones, weights bitwise."""
+@pytest.fixture(scope="module")
+def dp2_runs(grpo_setup, tiny_hf_dir, tmp_path_factory):
+    """DP=2 runs with the in-process hf judge (a tiny model as judge), in one launch: 4 steps,
+    and 2 steps + exit + 2 resumed steps, with megatron's Adam and with paged_adamw_8bit."""
+    out = tmp_path_factory.mktemp("dp2")
     judge = ["--reward", "judge", "--judge-backend", "hf", "--judge-model", str(tiny_hf_dir)]
-    a = lambda name, *extra: _args(grpo_setup, tiny_hf_dir, tmp_path / name, *judge, *extra)  # noqa: E731
-    runs = [
-        a("full", "--save", str(tmp_path / "full")),
-        a("part1", "--save", str(tmp_path / "resumed"), "--exit-interval", "2"),
-        [
-            *a("resumed", "--save", str(tmp_path / "resumed"))[2:],
-            "--load",
-            str(tmp_path / "resumed"),
-        ],
-    ]
+
+    def a(prefix, optimizer, name, save, *extra):
+        return _args(
+            grpo_setup, tiny_hf_dir, out / f"{prefix}{name}", *judge, "--optimizer", optimizer,
+            "--save", str(out / f"{prefix}{save}"), *extra,
+        )  # fmt: skip
+
+    runs = []
+    for prefix, optimizer in (("", "adam"), ("bnb_", "paged_adamw_8bit")):
+        runs += [
+            a(prefix, optimizer, "full", "full"),
+            a(prefix, optimizer, "part1", "resumed", "--exit-interval", "2"),
+            [
+                *a(prefix, optimizer, "resumed", "resumed")[2:],
+                "--load",
+                str(out / f"{prefix}resumed"),
+            ],
+        ]
     run_torchrun(WORKER, 2, json.dumps([{"entry": "grpo", "argv": r} for r in runs]))
-    full = _metrics(tmp_path / "full" / "metrics.jsonl")
+    return out
+
+
+def _assert_resume_is_exact(out, prefix):
+    """2 steps + exit + 2 resumed steps equal 4 uninterrupted ones: metrics, bitwise weights."""
+    full = _metrics(out / f"{prefix}full" / "metrics.jsonl")
+    resumed = _metrics(out / f"{prefix}part1" / "metrics.jsonl") + _metrics(
+        out / f"{prefix}resumed" / "metrics.jsonl"
+    )
+    keys = ("step", "reward_mean", "loss", "kl", "lr", "grad_norm")
+    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in full]
+    a_weights = _weights(out / f"{prefix}full" / f"iter_{STEPS:07d}")
+    b_weights = _weights(out / f"{prefix}resumed" / f"iter_{STEPS:07d}")
+    for key, tensor in a_weights.items():
+        assert torch.equal(tensor, b_weights[key]), key
+
+
+@pytest.mark.slow
+def test_hf_judge_dp2_resume_is_exact(dp2_runs):
+    """Metrics hold every field; the resumed run equals the uninterrupted one."""
+    full = _metrics(dp2_runs / "full" / "metrics.jsonl")
     assert [m["step"] for m in full] == [1, 2, 3, 4]
     required = {
         "step", "reward_mean", "reward_std", "reward_mean/safety", "kl", "clip_frac",
@@ -83,15 +112,25 @@ def test_hf_judge_dp2_resume_is_exact(grpo_setup, tiny_hf_dir, tmp_path):
     assert all(0.0 <= m["reward_mean"] <= 1.0 and m["judge_missing"] == 0 for m in full)
     assert full[0]["lr"] == pytest.approx(1e-3)
     assert all(math.isfinite(m["loss"]) for m in full)
-    resumed = _metrics(tmp_path / "part1" / "metrics.jsonl") + _metrics(
-        tmp_path / "resumed" / "metrics.jsonl"
-    )
-    keys = ("step", "reward_mean", "loss", "kl", "lr")
-    assert [[m[k] for k in keys] for m in resumed] == [[m[k] for k in keys] for m in full]
-    a_weights = _weights(tmp_path / "full" / f"iter_{STEPS:07d}")
-    b_weights = _weights(tmp_path / "resumed" / f"iter_{STEPS:07d}")
-    for key, tensor in a_weights.items():
-        assert torch.equal(tensor, b_weights[key]), key
+    _assert_resume_is_exact(dp2_runs, "")
+
+
+@pytest.mark.slow
+def test_paged_adamw_8bit_dp2_trains_and_resumes_exactly(dp2_runs, grpo_setup):
+    """The seed's optimizer: the first step (before any update) equals the Adam run's, its
+    gradient norm too; every weight moves, by at most ~lr per step; resume is exact."""
+    adam = _metrics(dp2_runs / "full" / "metrics.jsonl")
+    bnb = _metrics(dp2_runs / "bnb_full" / "metrics.jsonl")
+    keys = ("reward_mean", "loss", "kl", "lr")
+    assert [bnb[0][k] for k in keys] == [adam[0][k] for k in keys]
+    assert bnb[0]["grad_norm"] == pytest.approx(adam[0]["grad_norm"], rel=1e-6)
+    assert all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in bnb)
+    start = _weights(grpo_setup / "mc")
+    trained = _weights(dp2_runs / "bnb_full" / f"iter_{STEPS:07d}")
+    for key, tensor in start.items():
+        change = (trained[key] - tensor).abs().max().item()
+        assert 0 < change <= 2 * STEPS * 1e-3, (key, change)  # lr 1e-3
+    _assert_resume_is_exact(dp2_runs, "bnb_")
 
 
 @pytest.mark.slow
@@ -201,6 +240,13 @@ def test_bad_prompt_file_and_settings_fail_early(grpo_setup, tiny_hf_dir, tmp_pa
         load_config([*base, "--rollout-engine", "sglang"], GRPORunConfig)
     with pytest.raises(ConfigError, match="--rollout-batch-size"):
         load_config([*base, "--rollout-batch-size", "0"], GRPORunConfig)
+    eight_bit = [*base, "--optimizer", "paged_adamw_8bit"]
+    with pytest.raises(ConfigError, match="drop --use-distributed-optimizer"):
+        load_config([*eight_bit, "--use-distributed-optimizer"], GRPORunConfig)
+    with pytest.raises(ConfigError, match=r"needs --use-distributed-optimizer .* or an 8-bit"):
+        load_config([*base, "--bf16", "--save", str(tmp_path)], GRPORunConfig)
+    assert load_config([*eight_bit, "--bf16", "--save", str(tmp_path)], GRPORunConfig).bf16
+
 
 
 @pytest.mark.skipif(is_available("vllm"), reason="vllm is installed")

@@ -40,11 +40,20 @@ def test_yaml_recipe_and_flags_win(tmp_path):
         (["--lr-decay-style", "wavy"], "--lr-decay-style"),
         (["--micro-batch-size", "0"], "--micro-batch-size"),
         (["--bf16", "--save", "out"], "needs --use-distributed-optimizer"),
+        (["--optimizer", "adamw_8bit", "--use-distributed-optimizer"], "drop --use-distributed"),
+        (["--optimizer", "lion"], "--optimizer"),
     ],
 )
 def test_inconsistent_settings_fail_naming_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
         load_config(BASE + argv)
+
+
+def test_8bit_optimizer_saves_under_bf16():
+    """Its state is saved beside the dist checkpoint, so --bf16 --save needs no distributed
+    optimizer (megatron's non-distributed bf16 optimizer does)."""
+    cfg = load_config([*BASE, "--bf16", "--save", "out", "--optimizer", "paged_adamw_8bit"])
+    assert cfg.optimizer == "paged_adamw_8bit" and not cfg.use_distributed_optimizer
 
 
 def test_missing_required_settings_are_named():

@@ -66,6 +66,17 @@ def test_megatron_bytes_per_parameter():
         )
 
 
+def test_8bit_optimizer_bytes_per_parameter():
+    """bitsandbytes' 8-bit AdamW: two uint8 moments + an fp32 absmax per 256 values each, no
+    master copy (the replicated optimizer whatever DP); bf16 adds the step's gradient copies."""
+    for bf16, weights_and_grads, step_copies in ((True, 2 + 4, 2), (False, 4 + 4, 0)):
+        layout = TrainingLayout(data_parallel=4, bf16=bf16, optimizer="paged_adamw_8bit")
+        est = estimate_stage(L13B, layout, 0)
+        static = est.weights + est.gradients + est.optimizer
+        expected = weights_and_grads + 2 + 8 / 256 + step_copies
+        assert static / est.params == pytest.approx(expected, rel=1e-6)
+
+
 def test_tensor_parallel_halves_the_weights():
     one = stage_params(L13B, TrainingLayout(tensor_parallel=1), 0)
     two = stage_params(L13B, TrainingLayout(tensor_parallel=2), 0)

@@ -1,4 +1,5 @@
-"""pretrain_sft.py under torchrun: TP / DP / PP equal losses, exact resume, schedule, HF parity."""
+"""pretrain_sft.py under torchrun: TP / DP / PP equal losses, exact resume, schedule, HF parity,
+and the same for bitsandbytes' 8-bit AdamW (--optimizer paged_adamw_8bit)."""
 
 import json
 import math
@@ -79,14 +80,25 @@ def _final_weights(save_dir):
 def runs(sft_setup, tiny_hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     a = lambda name, *extra: _args(sft_setup, tiny_hf_dir, out / name, *extra)  # noqa: E731
+    bnb = ("--optimizer", "paged_adamw_8bit")
+    bf16 = (*bnb, "--bf16")
     single = [
         a("tp1", "--save", str(out / "tp1")),
         a("sdpa", "--transformer-impl", "sdpa"),
         a("part1", "--save", str(out / "resumed"), "--exit-interval", "4"),
         [*a("resumed", "--save", str(out / "resumed"))[2:], "--load", str(out / "resumed")],
+        a("bnb", *bnb, "--save", str(out / "bnb")),
+        a("bnb_bf16", *bf16, "--save", str(out / "bnb_bf16")),
+        a("bnb_bf16_part1", *bf16, "--save", str(out / "bnb_bf16_resumed"), "--exit-interval", "4"),
+        [
+            *a("bnb_bf16_resumed", *bf16, "--save", str(out / "bnb_bf16_resumed"))[2:],
+            "--load",
+            str(out / "bnb_bf16_resumed"),
+        ],
     ]
     run_torchrun(WORKER, 1, json.dumps([{"entry": "sft", "argv": argv} for argv in single]))
     dopt = ("--use-distributed-optimizer",)
+    tp2 = (*bnb, "--tensor-model-parallel-size", "2")
     double = [
         a("tp2", "--tensor-model-parallel-size", "2"),
         a("dp2", *dopt, "--save", str(out / "dp2")),
@@ -96,6 +108,14 @@ def runs(sft_setup, tiny_hf_dir, tmp_path_factory):
             *a("dp2_resumed", *dopt, "--save", str(out / "dp2_resumed"))[2:],
             "--load",
             str(out / "dp2_resumed"),
+        ],
+        a("bnb_tp2", *tp2, "--save", str(out / "bnb_tp2")),
+        a("bnb_pp2", *bnb, "--pipeline-model-parallel-size", "2"),
+        a("bnb_tp2_part1", *tp2, "--save", str(out / "bnb_tp2_resumed"), "--exit-interval", "4"),
+        [
+            *a("bnb_tp2_resumed", *tp2, "--save", str(out / "bnb_tp2_resumed"))[2:],
+            "--load",
+            str(out / "bnb_tp2_resumed"),
         ],
     ]
     run_torchrun(WORKER, 2, json.dumps([{"entry": "sft", "argv": argv} for argv in double]))
@@ -129,7 +149,12 @@ def test_sdpa_spec_losses_equal_local(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("uninterrupted", "prefix"),
-    [("tp1", ""), ("dp2", "dp2_")],  # megatron optimizer; distributed optimizer at DP=2
+    [
+        ("tp1", ""),  # megatron optimizer
+        ("dp2", "dp2_"),  # distributed optimizer at DP=2
+        ("bnb_bf16", "bnb_bf16_"),  # bitsandbytes paged_adamw_8bit, bf16 weights
+        ("bnb_tp2", "bnb_tp2_"),  # paged_adamw_8bit at TP=2: a state file per TP rank
+    ],
 )
 def test_resume_is_exact(runs, uninterrupted, prefix):
     part1 = _metrics(runs / f"{prefix}part1" / "metrics.jsonl")
@@ -143,6 +168,45 @@ def test_resume_is_exact(runs, uninterrupted, prefix):
     )
     for key, tensor in uninterrupted.items():
         assert torch.equal(tensor, after_resume[key]), key
+
+
+@pytest.mark.slow
+def test_paged_adamw_8bit_trains_like_adam(runs):
+    """bitsandbytes' 8-bit AdamW starts from the same loss and gradient norm as megatron's
+    Adam (same weights and batch) and then learns alike; at TP=2 the gradient norm is TP=1's
+    (the replicated norm weights count once, the TP shards are summed), and so is PP=2's."""
+    adam, bnb, tp2, pp2 = (
+        _metrics(runs / name / "metrics.jsonl") for name in ("tp1", "bnb", "bnb_tp2", "bnb_pp2")
+    )
+    assert bnb[0]["loss"] == adam[0]["loss"]
+    assert bnb[0]["grad_norm"] == pytest.approx(adam[0]["grad_norm"], rel=1e-6)
+    for parallel in (tp2, pp2):
+        assert parallel[0]["grad_norm"] == pytest.approx(bnb[0]["grad_norm"], rel=1e-5)
+
+    def close(name, reference, rtol):
+        torch.testing.assert_close(
+            torch.tensor(_losses(runs, name)),
+            torch.tensor(_losses(runs, reference)),
+            rtol=rtol,
+            atol=0,
+        )
+
+    close("bnb", "tp1", 1e-3)
+    close("bnb_tp2", "bnb", 1e-4)
+    close("bnb_pp2", "bnb", 1e-4)
+    close("bnb_bf16", "bnb", 5e-2)  # bf16 weights updated in bf16 (no fp32 master copy)
+    for name in ("bnb", "bnb_tp2", "bnb_pp2", "bnb_bf16"):
+        losses = _losses(runs, name)
+        assert len(losses) == STEPS and losses[-1] < losses[0], name
+
+
+@pytest.mark.slow
+def test_8bit_resume_at_another_layout_fails_naming_both(runs, sft_setup, tiny_hf_dir, tmp_path):
+    args = _args(sft_setup, tiny_hf_dir, tmp_path, "--optimizer", "paged_adamw_8bit")
+    args[args.index("--load") + 1] = str(runs / "bnb_tp2")
+    proc = _pretrain(*args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "saved at TP=2 PP=1, this run is TP=1 PP=1" in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
