@@ -248,7 +248,6 @@ def test_bad_prompt_file_and_settings_fail_early(grpo_setup, tiny_hf_dir, tmp_pa
     assert load_config([*eight_bit, "--bf16", "--save", str(tmp_path)], GRPORunConfig).bf16
 
 
-
 @pytest.mark.skipif(is_available("vllm"), reason="vllm is installed")
 def test_vllm_engine_without_vllm_fails_before_compute(grpo_setup, tiny_hf_dir, tmp_path):
     args = _args(
