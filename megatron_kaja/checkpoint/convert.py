@@ -71,7 +71,8 @@ class McoreCheckpointMeta:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config.json / flag name of a torch dtype (float32, bfloat16, float16)."""
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
@@ -140,7 +141,7 @@ def hf_to_mcore(
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
         transformer_impl=transformer_impl,
-        dtype=_dtype_name(out_dtype),
+        dtype=dtype_name(out_dtype),
     )
     with atomic_output_dir(out) as tmp:
         if fmt == "torch_dist":
@@ -266,5 +267,5 @@ def mcore_to_hf(
     cast = ((key, tensor.to(out_dtype)) for key, tensor in tensors())
     with atomic_output_dir(out) as tmp:
         write_safetensors_streaming(tmp, hf_tensor_plan(arch, out_dtype), cast, max_shard_size)
-        write_hf_metadata(tmp, arch, _dtype_name(out_dtype), template)
+        write_hf_metadata(tmp, arch, dtype_name(out_dtype), template)
     return Path(out)

@@ -116,6 +116,17 @@ def current_layout() -> ParallelLayout:
     )
 
 
+def tensor_parallel_group():
+    """`(group, world size, rank)` of this rank's tensor-parallel group."""
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_group(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+    )
+
+
 def destroy_model_parallel() -> None:
     """Tear down megatron's groups and the default process group."""
     from megatron.core import parallel_state

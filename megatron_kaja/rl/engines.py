@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_kaja.checkpoint.convert import dtype_name
 from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.export import hf_weight_groups
+from megatron_kaja.parallel.distributed import tensor_parallel_group
 from megatron_kaja.rl.sampler import Generation, SamplingParams, generate, left_pad
 
 logger = logging.getLogger("megatron_kaja.grpo")
@@ -104,17 +106,6 @@ class BuiltinEngine:
         self.model = None
 
 
-def _tensor_parallel():
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_tensor_model_parallel_group()
-    return group, ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
-
-
 class HFEngine:
     """`transformers` generation on TP rank 0 of each group, with the trainer's weights."""
 
@@ -135,12 +126,12 @@ class HFEngine:
         self.pad_token_id = pad_token_id
         self.device = device
         self.transformer_impl = transformer_impl
-        self.group, self.tp_world, self.tp_rank = _tensor_parallel()
+        self.group, self.tp_world, self.tp_rank = tensor_parallel_group()
         self.model = None
         if self.tp_rank == 0:
             from transformers import AutoModelForCausalLM, LlamaConfig
 
-            config = LlamaConfig(**arch.to_hf_config(_dtype_name(dtype)))
+            config = LlamaConfig(**arch.to_hf_config(dtype_name(dtype)))
             with torch.device(device):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             self.model.requires_grad_(False).eval()
@@ -241,10 +232,10 @@ class VLLMEngine:
         self.pad_token_id = pad_token_id
         self.device = device
         self.transformer_impl = transformer_impl
-        _, tp_world, _ = _tensor_parallel()
+        _, tp_world, _ = tensor_parallel_group()
         # vLLM reads the architecture and tokenizer from a folder; the weights come from us.
         self._folder = tempfile.mkdtemp(prefix="megatron_kaja_vllm_")
-        write_hf_metadata(Path(self._folder), arch, _dtype_name(dtype), Path(tokenizer_dir))
+        write_hf_metadata(Path(self._folder), arch, dtype_name(dtype), Path(tokenizer_dir))
         kwargs = {}
         if dist.is_initialized() and dist.get_world_size() > 1:
             missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -262,7 +253,7 @@ class VLLMEngine:
             tokenizer=self._folder,
             load_format="dummy",
             tensor_parallel_size=tp_world,
-            dtype=_dtype_name(dtype),
+            dtype=dtype_name(dtype),
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=True,

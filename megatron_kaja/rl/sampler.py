@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_kaja.parallel.distributed import tensor_parallel_group
 from megatron_kaja.rl.losses import mask_padded_vocab
 
 
@@ -183,16 +184,6 @@ def _share_from_last_stage(model, ids: torch.Tensor, logprobs: torch.Tensor):
     return ids, logprobs
 
 
-def _tp():
-    from megatron.core import parallel_state as ps
-
-    return (
-        ps.get_tensor_model_parallel_group(),
-        ps.get_tensor_model_parallel_world_size(),
-        ps.get_tensor_model_parallel_rank(),
-    )
-
-
 def _global_argmax(scores: torch.Tensor, group, world: int, rank: int) -> torch.Tensor:
     """Global vocabulary id of each row's max over all TP ranks' slices (first id on ties)."""
     value, local = scores.max(dim=-1)
@@ -267,7 +258,7 @@ def sample_next_token(
     log softmax(logits / T) of each (T = 1 for greedy), the untruncated sampling policy that
     training recomputes.
     """
-    group, world, rank = _tp()
+    group, world, rank = tensor_parallel_group()
     group = tp_group if tp_group is not None else group
     x = mask_padded_vocab(logits, vocab_size, rank)
     temperature = 1.0 if params.greedy else params.temperature

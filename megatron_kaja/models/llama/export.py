@@ -30,12 +30,7 @@ from megatron_kaja.models.llama.state_dict import (
     stage_layers,
     tp_merge,
 )
-
-
-def _tensor_parallel():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+from megatron_kaja.parallel.distributed import tensor_parallel_group
 
 
 def _gather_global(mapping: TensorMapping, local: torch.Tensor, group, world: int):
@@ -63,7 +58,7 @@ def hf_weight_groups(
     """
     from megatron.core import parallel_state as ps
 
-    group, world = _tensor_parallel()
+    group, world, _ = tensor_parallel_group()
     own = model.state_dict(keep_vars=False)
 
     def group_of(mappings, layer=None, local_layer=None):
