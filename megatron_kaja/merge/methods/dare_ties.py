@@ -6,11 +6,7 @@ from __future__ import annotations
 import torch
 
 from megatron_kaja.merge.methods import MergeInputs, register_merge_method
-from megatron_kaja.merge.methods.task_vectors import (
-    combine_task_vectors,
-    dare_drop,
-    task_vectors,
-)
+from megatron_kaja.merge.methods.task_vectors import dare_merge
 
 
 @register_merge_method(
@@ -21,18 +17,4 @@ from megatron_kaja.merge.methods.task_vectors import (
 )
 def dare_ties(inputs: MergeInputs) -> torch.Tensor:
     """Drop with p = 1 - density (seeded per tensor and model), rescale, elect, sum."""
-    rescale = inputs.shared["rescale"]
-    deltas = [
-        dare_drop(d, p["density"], inputs.generator(i), rescale)
-        for i, (d, p) in enumerate(
-            zip(task_vectors(inputs.tensors, inputs.base), inputs.per_model, strict=True)
-        )
-    ]
-    return combine_task_vectors(
-        inputs.base,
-        deltas,
-        [p["weight"] for p in inputs.per_model],
-        elect_sign=True,
-        normalize=inputs.shared["normalize"],
-        scale=inputs.shared["lambda"],
-    )
+    return dare_merge(inputs, elect_sign=True)

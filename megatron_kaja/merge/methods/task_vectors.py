@@ -10,7 +10,12 @@ merge of N models holds about N + 2 full-size float tensors at its peak.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from megatron_kaja.merge.methods import MergeInputs
 
 
 def task_vectors(models: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
@@ -151,3 +156,23 @@ def combine_task_vectors(
     if scale != 1:
         mixed.mul_(scale)
     return mixed.add_(base)
+
+
+def dare_merge(inputs: MergeInputs, *, elect_sign: bool) -> torch.Tensor:
+    """DARE (dare_linear, or dare_ties with `elect_sign`): drop each task vector's entries
+    with p = 1 - density (seeded per tensor and model), rescale, then combine."""
+    rescale = inputs.shared["rescale"]
+    deltas = [
+        dare_drop(d, p["density"], inputs.generator(i), rescale)
+        for i, (d, p) in enumerate(
+            zip(task_vectors(inputs.tensors, inputs.base), inputs.per_model, strict=True)
+        )
+    ]
+    return combine_task_vectors(
+        inputs.base,
+        deltas,
+        [p["weight"] for p in inputs.per_model],
+        elect_sign=elect_sign,
+        normalize=inputs.shared["normalize"],
+        scale=inputs.shared["lambda"],
+    )
