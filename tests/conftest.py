@@ -38,3 +38,19 @@ def tiny_hf_gqa_dir(tmp_path_factory, tiny_tokenizer_dir):
     path = tmp_path_factory.mktemp("tiny_hf_gqa")
     build_tiny_hf_model(path, "gqa", seed=1, tokenizer_dir=tiny_tokenizer_dir)
     return path
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """megatron's parallel state for this process (a world of one, TP=1), torn down after the
+    module (kept when a module's own setup already made one)."""
+    from megatron.core import parallel_state
+
+    from megatron_kaja.parallel.distributed import destroy_model_parallel, initialize_model_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        yield
+        return
+    initialize_model_parallel(1, 1, seed=1234)
+    yield
+    destroy_model_parallel()

@@ -32,21 +32,6 @@ def loss_of_logits(logits: torch.Tensor) -> torch.Tensor:
     return (logits * weights).sum() / logits.numel()
 
 
-@pytest.fixture(scope="module")
-def megatron_world():
-    """megatron's parallel state for this process (a world of one, TP=1)."""
-    from megatron.core import parallel_state
-
-    from megatron_kaja.parallel.distributed import destroy_model_parallel, initialize_model_parallel
-
-    if parallel_state.model_parallel_is_initialized():
-        yield
-        return
-    initialize_model_parallel(1, 1, seed=1234)
-    yield
-    destroy_model_parallel()
-
-
 def _arch(kind: str):
     from megatron_kaja.models.llama.config import LlamaArch
 

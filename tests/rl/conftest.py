@@ -1,4 +1,4 @@
-"""In-process megatron-core (a world of one, TP=1) and the tiny model converted for it."""
+"""The tiny model converted for in-process megatron-core (megatron_world: tests/conftest)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,6 @@ def tiny_mcore_dir(tiny_hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl") / "mcore"
     hf_to_mcore(tiny_hf_dir, out, progress=False)
     return out
-
-
-@pytest.fixture(scope="session")
-def megatron_world():
-    """megatron's parallel state for one process (gloo on CPU), torn down at the end."""
-    from megatron.core import parallel_state
-
-    from megatron_kaja.parallel.distributed import destroy_model_parallel, initialize_model_parallel
-
-    if parallel_state.model_parallel_is_initialized():
-        yield
-        return
-    initialize_model_parallel(1, 1, seed=1234)
-    yield
-    destroy_model_parallel()
 
 
 @pytest.fixture

@@ -19,21 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not support
 LR, WD, BETAS, EPS = 1e-2, 0.1, (0.9, 0.95), 1e-8
 
 
-@pytest.fixture(scope="module")
-def megatron_world():
-    """megatron's parallel state for this process (a world of one, TP=1)."""
-    from megatron.core import parallel_state
-
-    from megatron_kaja.parallel.distributed import destroy_model_parallel, initialize_model_parallel
-
-    if parallel_state.model_parallel_is_initialized():
-        yield
-        return
-    initialize_model_parallel(1, 1, seed=1234)
-    yield
-    destroy_model_parallel()
-
-
 def _module(dtype=torch.float32) -> torch.nn.Module:
     """A matrix large enough for 8-bit states (>= 4096 values), one under it (fp32 states),
     a bias and a norm weight."""
