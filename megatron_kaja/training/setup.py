@@ -4,41 +4,29 @@ for a training run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.model import build_gpt_model, default_transformer_impl
 from megatron_kaja.training.bnb_optimizer import Bnb8bitOptimizer
 
+if TYPE_CHECKING:  # megatron-core costs seconds to import: only where a stack is built
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 
 @dataclass
 class TrainingStack:
-    model: object  # this rank's GPTModel stage
-    ddp: object  # the megatron DistributedDataParallel wrapper around it
-    optimizer: object  # megatron's optimizer, or a Bnb8bitOptimizer
-    scheduler: object
-    transformer_impl: str
+    """This rank's model stage and what trains it."""
+
+    model: GPTModel  # this rank's pipeline stage
+    ddp: DistributedDataParallel  # megatron's wrapper around it (gradient buffers)
+    optimizer: MegatronOptimizer | Bnb8bitOptimizer
+    scheduler: OptimizerParamScheduler
+    transformer_impl: str  # the attention backend's name (`models/llama/attention.py`)
     optimizer_kind: str  # the --optimizer value: "adam" (megatron) or a BNB_OPTIMIZERS key
-
-
-OPTIMIZER_FIELDS = (
-    "lr",
-    "min_lr",
-    "lr_warmup_iters",
-    "lr_decay_style",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "clip_grad",
-    "bf16",
-    "optimizer",
-    "use_distributed_optimizer",
-)
-
-
-def optimizer_settings(cfg) -> dict:
-    """The optimizer / schedule keywords of `build_training_stack` from a run config (SFT's
-    or GRPO's: both name these fields as Megatron-LM's flags do)."""
-    return {name: getattr(cfg, name) for name in OPTIMIZER_FIELDS}
 
 
 def build_training_stack(

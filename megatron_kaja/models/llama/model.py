@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from megatron_kaja.extras import is_available, require
+from megatron_kaja.extras import is_available
+from megatron_kaja.models.llama.attention import (
+    attention_backend,
+    attention_backend_names,
+)
 from megatron_kaja.models.llama.config import LlamaArch, padded_vocab_size, transformer_config
 
-TRANSFORMER_IMPLS = ("local", "sdpa", "transformer_engine")
+TRANSFORMER_IMPLS = attention_backend_names()
 
 
 def default_transformer_impl() -> str:
@@ -20,18 +24,7 @@ def default_transformer_impl() -> str:
 
 def layer_spec(transformer_impl: str = "local"):
     """The megatron-core `ModuleSpec` of one llm-jp-3 decoder layer."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if transformer_impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    if transformer_impl == "sdpa":
-        from megatron_kaja.models.llama.sdpa import sdpa_layer_spec
-
-        return sdpa_layer_spec()
-    if transformer_impl == "transformer_engine":
-        require("transformer_engine", "the transformer-engine layer spec")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    raise ValueError(f"transformer impl {transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
+    return attention_backend(transformer_impl).layer_spec()
 
 
 def build_gpt_model(
