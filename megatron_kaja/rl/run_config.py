@@ -34,9 +34,10 @@ class GRPORunConfig(LaunchSettings):
     temperature: float = 1.0
     top_p: float = 1.0
     beta: float = 0.04
+    kl_estimator: str = "k3"  # k1 | k2 | k3 | k3_is (k3 x importance ratio)
     clip_eps: float = 0.2
     advantage: str = "grpo"
-    loss_aggregation: str = "token"
+    loss_aggregation: str = "token"  # token | sequence | dr_grpo
     num_iterations: int = 1
     filter_zero_variance: bool = False
     oversample_rounds: int = 0
@@ -109,6 +110,7 @@ class GRPORunConfig(LaunchSettings):
             temperature=self.temperature,
             top_p=self.top_p,
             beta=self.beta,
+            kl_estimator=self.kl_estimator,
             clip_eps=self.clip_eps,
             advantage=self.advantage,
             loss_aggregation=self.loss_aggregation,

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from megatron_kaja.checkpoint.loading import load_mcore_weights
@@ -22,7 +21,7 @@ from megatron_kaja.models.llama.config import training_vocab_size
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.parallel.distributed import initialize_model_parallel
 from megatron_kaja.rl.engines import build_rollout_engine
-from megatron_kaja.rl.rollout import PromptRecord, prompt_record
+from megatron_kaja.rl.rollout import PromptRecord, RolloutSeeds, prompt_record
 from megatron_kaja.rl.run_config import GRPORunConfig
 from megatron_kaja.rl.step import grpo_step
 from megatron_kaja.training import checkpointing
@@ -181,6 +180,7 @@ def _mean_over_data_parallel(metrics: dict) -> dict:
 
 def train_grpo(cfg: GRPORunConfig) -> dict:
     """Run GRPO as configured; returns the last step's metrics."""
+    from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
     if cfg.optimizer != "adam":
@@ -257,11 +257,10 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         tokenizer_dir=cfg.tokenizer,
         max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
         gpu_memory_utilization=cfg.rollout_gpu_memory_utilization,
-        seed=cfg.seed + layout.dp_rank,
+        seed=cfg.seed,  # requests carry their own seeds (RolloutSeeds)
         transformer_impl=stack.transformer_impl,
     )
     optimizer = _MegatronOptimizerStep(stack)
-    generator = torch.Generator()
     started = time.perf_counter()
     metrics: dict = {}
 
@@ -285,10 +284,6 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     iteration = start
     while iteration < train_iters:
         lr = stack.optimizer.param_groups[0]["lr"]
-        # The sampling stream follows from (seed, step, DP rank): identical across the TP
-        # ranks of a group and across a resume.
-        seed = np.random.SeedSequence([cfg.seed, iteration, layout.dp_rank]).generate_state(1)
-        generator.manual_seed(int(seed[0]))
         synced = time.perf_counter()
         engine.load_weights(stack.model)  # the weights of the last update (or of the start)
         synced = time.perf_counter() - synced
@@ -304,9 +299,12 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
             eos_token_id=arch.eos_token_id,
             pad_token_id=pad_id,
             vocab_size=arch.vocab_size,
-            generator=generator,
+            # Each completion's sampling stream follows from (seed, step, the prompt's index in
+            # the step): the same on the TP ranks of a group, at any DP size, and on resume.
+            seeds=RolloutSeeds(cfg.seed, iteration, first_prompt=layout.dp_rank * per_rank),
             num_prompts=per_rank,
             engine=engine,
+            data_parallel_group=ps.get_data_parallel_group(),
         )
         stack.scheduler.step(increment=1)
         iteration += 1
