@@ -256,7 +256,9 @@ def gumbel_uniforms(
     if isinstance(generator, list):
         if len(generator) != rows:
             raise ValueError(f"{len(generator)} generators for {rows} rows")
-        return torch.stack([torch.rand(vocab_size, generator=g, device=device) for g in generator])
+        # Drawn where each generator lives (host streams give the same noise on any device).
+        noise = [torch.rand(vocab_size, generator=g, device=g.device) for g in generator]
+        return torch.stack(noise).to(device)
     return torch.rand((rows, vocab_size), generator=generator, device=device)
 
 

@@ -248,6 +248,7 @@ def grpo_step(
     counts = torch.tensor(
         [aggregation.count(loss_mask, config.max_new_tokens), float(loss_mask.sum())],
         dtype=torch.float64,
+        device=loss_mask.device,  # NCCL reduces device tensors only
     )
     dp_size = 1
     if data_parallel_group is not None:
