@@ -52,7 +52,8 @@ ROLLOUT_ENGINES = ("builtin", "hf", "vllm")
 
 def draw_seed(generator: torch.Generator | None) -> int:
     """A sampling seed taken from `generator` (identical on ranks with identical generators)."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
 
 def row_seeds(generator: SamplingGenerator, rows: int) -> list[int]:
@@ -225,7 +226,7 @@ class HFEngine:
         if not isinstance(generator, list):
             # Every TP rank draws, keeping the generators aligned; rank 0 samples from a
             # stream seeded with the draw.
-            streams = torch.Generator().manual_seed(draw_seed(generator))
+            streams = torch.Generator(self.device).manual_seed(draw_seed(generator))
         payload = [self._generate(prompts, params, streams) if self.tp_rank == 0 else None]
         if self.tp_world > 1:
             if payload[0] is not None:

@@ -60,12 +60,15 @@ class RolloutSeeds:
     prompt nor on what else is in that rank's batch: a step samples the same completions at
     any DP size, and again on resume. `first_prompt` is the global index of this rank's first
     prompt. Dynamic sampling's refill rounds (`round_no` > 0) read on into prompts that another
-    rank also draws in round 0; the round in the key keeps their samples apart.
+    rank also draws in round 0; the round in the key keeps their samples apart. `device`: where
+    the generators live (the sampler's device, so the noise is drawn there; streams differ
+    between device types, not between ranks of one run).
     """
 
     seed: int
     step: int
     first_prompt: int = 0
+    device: str | torch.device = "cpu"
 
     def generators(
         self, round_no: int, start: int, num_prompts: int, num_generations: int
@@ -77,7 +80,7 @@ class RolloutSeeds:
             for sample in range(num_generations):
                 key = [self.seed, self.step, round_no, prompt, sample]
                 state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)
-                rows.append(torch.Generator().manual_seed(int(state[0])))
+                rows.append(torch.Generator(self.device).manual_seed(int(state[0])))
         return rows
 
 

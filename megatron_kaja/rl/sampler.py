@@ -256,9 +256,11 @@ def gumbel_uniforms(
     if isinstance(generator, list):
         if len(generator) != rows:
             raise ValueError(f"{len(generator)} generators for {rows} rows")
-        # Drawn where each generator lives (host streams give the same noise on any device).
-        noise = [torch.rand(vocab_size, generator=g, device=g.device) for g in generator]
-        return torch.stack(noise).to(device)
+        # Filled in place, each row on its generator's device (no per-row tensors to stack).
+        noise = torch.empty((rows, vocab_size), device=generator[0].device if rows else device)
+        for row, g in zip(noise, generator, strict=True):
+            row.uniform_(generator=g)
+        return noise.to(device)
     return torch.rand((rows, vocab_size), generator=generator, device=device)
 
 

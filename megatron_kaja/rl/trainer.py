@@ -301,7 +301,12 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
             vocab_size=arch.vocab_size,
             # Each completion's sampling stream follows from (seed, step, the prompt's index in
             # the step): the same on the TP ranks of a group, at any DP size, and on resume.
-            seeds=RolloutSeeds(cfg.seed, iteration, first_prompt=layout.dp_rank * per_rank),
+            seeds=RolloutSeeds(
+                cfg.seed,
+                iteration,
+                first_prompt=layout.dp_rank * per_rank,
+                device=next(stack.model.parameters()).device,
+            ),
             num_prompts=per_rank,
             engine=engine,
             data_parallel_group=ps.get_data_parallel_group(),
