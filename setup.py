@@ -53,6 +53,9 @@ EXTRAS = {
         # (accelerate, peft, ...) leave a CPU torch in place.
         "mergekit>=0.1.5,<0.2",
         "bitsandbytes>=0.50.2",  # the 8-bit optimizer tests run its CPU kernels
+        # GRPO loss parity with TRL's GRPOTrainer._compute_loss (tests/rl): a private method,
+        # so the version is pinned.
+        "trl>=1.16,<1.17",
     ],
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megatron_kaja.rl.advantages import advantage_names
-from megatron_kaja.rl.losses import LOSS_AGGREGATIONS
+from megatron_kaja.rl.losses import kl_estimator_names, loss_aggregation_names
 
 
 @dataclass
@@ -19,10 +19,13 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     beta: float = 0.04  # KL weight; 0 keeps no reference model
+    kl_estimator: str = "k3"  # or k1, k2, k3_is (k3 x importance ratio, TRL's default)
     clip_eps: float = 0.2
     advantage: str = "grpo"  # or "dr_grpo" (no std division)
     advantage_eps: float = 1e-4
-    loss_aggregation: str = "token"  # or "sequence"
+    # "token": mean over the step's tokens; "sequence": mean of per-sequence means;
+    # "dr_grpo": token sum / (max_new_tokens x sequences)
+    loss_aggregation: str = "token"
     num_iterations: int = 1  # optimizer passes over one batch of rollouts (mu in DeepSeekMath)
     filter_zero_variance: bool = False  # dynamic sampling (DAPO)
     oversample_rounds: int = 0  # extra prompt draws to refill dropped groups
@@ -51,9 +54,14 @@ class GRPOConfig:
         need(self.clip_eps > 0, "clip_eps", "must be > 0")
         need(self.advantage in advantage_names(), "advantage", f"use one of {advantage_names()}")
         need(
-            self.loss_aggregation in LOSS_AGGREGATIONS,
+            self.kl_estimator in kl_estimator_names(),
+            "kl_estimator",
+            f"use one of {kl_estimator_names()}",
+        )
+        need(
+            self.loss_aggregation in loss_aggregation_names(),
             "loss_aggregation",
-            f"use one of {LOSS_AGGREGATIONS}",
+            f"use one of {loss_aggregation_names()}",
         )
         need(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         need(self.oversample_rounds >= 0, "oversample_rounds", "must be >= 0")

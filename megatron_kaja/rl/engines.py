@@ -13,7 +13,10 @@
 Every engine returns the same `Generation` (left-padded prompts, right-padded responses,
 the sampled tokens' log-probs under the sampling distribution); the update recomputes the
 log-probs with the training model, so an engine only has to sample the right distribution.
-Engines are seeded from the step's generator, so a run and its resume sample alike.
+Engines are seeded from the step's generator, or from one generator per row (a row's
+sample then does not depend on the other rows of its batch), so a run and its resume sample
+alike. The `hf` engine samples with the builtin sampler's own rule (Gumbel-max over the same
+noise), so both engines draw the same tokens from the same weights and generators.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.export import hf_weight_groups
 from megatron_kaja.parallel.distributed import tensor_parallel_group
-from megatron_kaja.rl.sampler import Generation, SamplingParams, generate, left_pad
+from megatron_kaja.rl.sampler import (
+    Generation,
+    SamplingGenerator,
+    SamplingParams,
+    generate,
+    left_pad,
+    sample_next_token,
+)
 
 logger = logging.getLogger("megatron_kaja.grpo")
 
@@ -75,7 +85,19 @@ def rollout_engine_names() -> tuple[str, ...]:
 
 def draw_seed(generator: torch.Generator | None) -> int:
     """A sampling seed taken from `generator` (identical on ranks with identical generators)."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+
+
+def row_seeds(generator: SamplingGenerator, rows: int) -> list[int]:
+    """One sampling seed per row: drawn from each row's own generator, or consecutive from one
+    seed drawn from the batch's generator."""
+    if isinstance(generator, list):
+        if len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} rows")
+        return [draw_seed(g) for g in generator]
+    base = draw_seed(generator)
+    return [base + i for i in range(rows)]
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -202,26 +224,42 @@ class HFEngine:
             raise RuntimeError(f"weight sync covered {seen} of {len(params)} HF tensors")
         self._loaded = True
 
-    def _generate(self, prompts, params: SamplingParams, seed: int) -> Generation:
-        from transformers import GenerationConfig
+    def _generate(self, prompts, params: SamplingParams, streams: SamplingGenerator):
+        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+        class GumbelMax(LogitsProcessor):
+            """Decides each row's token by the builtin sampler's rule (temperature, top-p,
+            Gumbel noise from `streams`); transformers' greedy search then takes it."""
+
+            def __call__(self, input_ids, scores):
+                ids, _ = sample_next_token(
+                    scores,
+                    params,
+                    vocab_size=scores.size(-1),
+                    generator=streams,
+                    tensor_parallel=(None, 1, 0),
+                )
+                return torch.full_like(scores, float("-inf")).scatter_(1, ids[:, None], 0.0)
 
         ids, mask = left_pad(prompts, self.pad_token_id, self.device)
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy,
-            temperature=None if params.greedy else params.temperature,
-            top_p=None if params.greedy else params.top_p,
-            top_k=None if params.greedy else 0,
+            do_sample=False,  # greedy, or the GumbelMax processor's choice
+            temperature=None,
+            top_p=None,
+            top_k=None,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
-            output_logits=True,
+            output_logits=True,  # the raw logits, before the processor
             return_dict_in_generate=True,
         )
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
+        processors = LogitsProcessorList([] if params.greedy else [GumbelMax()])
+        with torch.no_grad():
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask.long(), generation_config=config
+                input_ids=ids,
+                attention_mask=mask.long(),
+                generation_config=config,
+                logits_processor=processors,
             )
         response = out.sequences[:, ids.size(1) :]
         # The untruncated sampling distribution (as the builtin sampler records it).
@@ -236,8 +274,12 @@ class HFEngine:
     def generate(self, prompts, params: SamplingParams, generator=None) -> Generation:
         if not self._loaded:
             raise RuntimeError("the hf rollout engine has no weights yet: call load_weights")
-        seed = draw_seed(generator)  # every TP rank draws, keeping the generators aligned
-        payload = [self._generate(prompts, params, seed) if self.tp_rank == 0 else None]
+        streams = generator
+        if not isinstance(generator, list):
+            # Every TP rank draws, keeping the generators aligned; rank 0 samples from a
+            # stream seeded with the draw.
+            streams = torch.Generator(self.device).manual_seed(draw_seed(generator))
+        payload = [self._generate(prompts, params, streams) if self.tp_rank == 0 else None]
         if self.tp_world > 1:
             if payload[0] is not None:
                 payload[0] = _to_device(payload[0], "cpu")
@@ -360,9 +402,9 @@ class VLLMEngine:
         if not self._loaded:
             raise RuntimeError("the vllm rollout engine has no weights yet: call load_weights")
         self.llm.wake_up(tags=["kv_cache"])
-        base = draw_seed(generator)
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        sampling = [self.sampling_params(params, base + i) for i in range(len(prompts))]
+        seeds = row_seeds(generator, len(prompts))
+        sampling = [self.sampling_params(params, seed) for seed in seeds]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         responses, logprobs = [], []
         for out in outputs:

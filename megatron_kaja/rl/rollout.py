@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from megatron_kaja.rl.advantages import GroupedRewards, zero_variance_groups
-from megatron_kaja.rl.sampler import Generation, SamplingParams
+from megatron_kaja.rl.sampler import Generation, SamplingGenerator, SamplingParams
 
 
 @dataclass
@@ -48,6 +49,39 @@ def prompt_record(tokenizer, record: dict, kind: str, system: bool = True) -> Pr
     columns = {"kind": kind, "output": record.get("output") or record.get("answer") or ""}
     columns["eval_aspect"] = record.get("eval_aspect") or ""
     return PromptRecord(question, encode_prompt(tokenizer, question, system), columns)
+
+
+@dataclass(frozen=True)
+class RolloutSeeds:
+    """One sampling stream per completion, keyed by (seed, step, round, the prompt's index in
+    the step's global batch, the sample's index in its group).
+
+    A completion's randomness then depends neither on which data-parallel rank samples its
+    prompt nor on what else is in that rank's batch: a step samples the same completions at
+    any DP size, and again on resume. `first_prompt` is the global index of this rank's first
+    prompt. Dynamic sampling's refill rounds (`round_no` > 0) read on into prompts that another
+    rank also draws in round 0; the round in the key keeps their samples apart. `device`: where
+    the generators live (the sampler's device, so the noise is drawn there; streams differ
+    between device types, not between ranks of one run).
+    """
+
+    seed: int
+    step: int
+    first_prompt: int = 0
+    device: str | torch.device = "cpu"
+
+    def generators(
+        self, round_no: int, start: int, num_prompts: int, num_generations: int
+    ) -> list[torch.Generator]:
+        """Generators for `num_prompts` x `num_generations` rows (prompt-major), the prompts
+        being this rank's `start`-th and following of the round."""
+        rows = []
+        for prompt in range(self.first_prompt + start, self.first_prompt + start + num_prompts):
+            for sample in range(num_generations):
+                key = [self.seed, self.step, round_no, prompt, sample]
+                state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)
+                rows.append(torch.Generator(self.device).manual_seed(int(state[0])))
+        return rows
 
 
 @dataclass
@@ -137,14 +171,18 @@ def sample_in_chunks(
     params: SamplingParams,
     *,
     pad_token_id: int,
-    generator: torch.Generator | None = None,
+    generator: SamplingGenerator = None,
     chunk_size: int | None = None,
 ) -> Generation:
     """`engine.generate` over `prompts`, `chunk_size` rows at a time (None: all at once), so
-    the KV cache is sized for a chunk, not for a rank's whole share of the step."""
+    the KV cache is sized for a chunk, not for a rank's whole share of the step. `generator`:
+    one stream for all rows, or a list of one per row (split with the rows)."""
     size = chunk_size or len(prompts)
+    per_row = isinstance(generator, list)
     parts = [
-        engine.generate(prompts[i : i + size], params, generator)
+        engine.generate(
+            prompts[i : i + size], params, generator[i : i + size] if per_row else generator
+        )
         for i in range(0, len(prompts), size)
     ]
     return parts[0] if len(parts) == 1 else _concat(parts, pad_token_id)
@@ -161,6 +199,7 @@ def collect_rollouts(
     *,
     pad_token_id: int,
     generator: torch.Generator | None = None,
+    seeds: RolloutSeeds | None = None,
     filter_zero_variance: bool = False,
     oversample_rounds: int = 0,
     zero_variance_tol: float = 1e-6,
@@ -174,6 +213,7 @@ def collect_rollouts(
 
     The result may hold fewer than `num_prompts` groups (the source ran out, or the rounds did
     not find enough informative groups); it is never padded with zero-variance groups.
+    Randomness: `seeds` (one stream per completion) when given, else the one `generator`.
     """
     kept_prompts: list[PromptRecord] = []
     kept_gens: list[Generation] = []
@@ -183,7 +223,7 @@ def collect_rollouts(
     all_prompts: list[PromptRecord] = []
     all_rewards: list[GroupedRewards] = []
     seconds = {"t_rollout": 0.0, "t_reward": 0.0}
-    for _ in range(1 + (oversample_rounds if filter_zero_variance else 0)):
+    for round_no in range(1 + (oversample_rounds if filter_zero_variance else 0)):
         need = num_prompts - len(kept_prompts)
         if sampled:  # a refill round: draw enough prompts for the keep rate seen so far
             keep_rate = len(kept_prompts) / sampled
@@ -192,13 +232,16 @@ def collect_rollouts(
         if not batch:
             break
         repeated = [p.prompt_ids for p in batch for _ in range(num_generations)]
+        streams = generator
+        if seeds is not None:
+            streams = seeds.generators(round_no, len(all_prompts), len(batch), num_generations)
         start = time.perf_counter()
         gen = sample_in_chunks(
             engine,
             repeated,
             params,
             pad_token_id=pad_token_id,
-            generator=generator,
+            generator=streams,
             chunk_size=rollout_batch_size,
         )
         completions = [decode(ids) for ids in gen.responses()]

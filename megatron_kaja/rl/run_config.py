@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from megatron_kaja.rl.advantages import advantage_names
 from megatron_kaja.rl.config import GRPOConfig
 from megatron_kaja.rl.engines import rollout_engine_names
-from megatron_kaja.rl.losses import LOSS_AGGREGATIONS
+from megatron_kaja.rl.losses import kl_estimator_names, loss_aggregation_names
 from megatron_kaja.training.settings import RunSettings
 
 _D = GRPOConfig  # its class attributes are the algorithm's defaults
@@ -65,8 +65,15 @@ class GRPORunConfig(RunSettings):
     advantage: Literal[advantage_names()] = Field(  # type: ignore[valid-type]
         default=_D.advantage, description="advantage estimator"
     )
-    loss_aggregation: Literal[LOSS_AGGREGATIONS] = Field(  # type: ignore[valid-type]
-        default=_D.loss_aggregation, description="how token losses make the batch loss"
+    kl_estimator: Literal[tuple(kl_estimator_names())] = Field(  # type: ignore[valid-type]
+        default=_D.kl_estimator,
+        description="KL to the reference: k1, k2, k3 (Schulman's estimators) or k3_is (k3 "
+        "weighted by the importance ratio to the sampling policy)",
+    )
+    loss_aggregation: Literal[tuple(loss_aggregation_names())] = Field(  # type: ignore[valid-type]
+        default=_D.loss_aggregation,
+        description="how token losses make the batch loss: token (mean over all tokens of the "
+        "step), sequence (mean per sequence), dr_grpo (sum / (max length x sequences))",
     )
     num_iterations: int = Field(
         default=_D.num_iterations, description="optimizer passes over one batch of rollouts"

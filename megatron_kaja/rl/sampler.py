@@ -14,7 +14,8 @@ collectives only:
 * greedy: each rank's (max, global id) pair is all-gathered and the best kept;
 * temperature: the Gumbel-max trick, argmax(logits / T + g), g ~ Gumbel(0, 1) drawn from a
   seeded generator over the *global* (padded) vocabulary and sliced per rank, so any TP size
-  samples the same tokens;
+  samples the same tokens; with one generator per row, a row's tokens depend on its own
+  stream only (not on the other rows of the batch);
 * top-p (nucleus, Holtzman et al. 2020): keep the most probable tokens until their mass
   reaches p. The nucleus is found from the ranks' local top-m probabilities, all-gathered and
   merged (the global top-m is inside the union of local top-m's), doubling m until the mass
@@ -40,6 +41,9 @@ import torch.distributed as dist
 
 from megatron_kaja.parallel.distributed import tensor_parallel_group
 from megatron_kaja.rl.losses import mask_padded_vocab
+
+# Sampling randomness: one stream for the whole batch, or one generator per row.
+SamplingGenerator = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass(frozen=True)
@@ -244,22 +248,38 @@ def _nucleus_threshold(probs: torch.Tensor, top_p: float, group, world: int) -> 
         m = min(2 * m, width)
 
 
+def gumbel_uniforms(
+    rows: int, vocab_size: int, generator: SamplingGenerator, device
+) -> torch.Tensor:
+    """`[rows, vocab_size]` uniforms for the Gumbel-max draw: from one stream, or row i's from
+    `generator[i]` (so a row's draw does not depend on the batch it is in)."""
+    if isinstance(generator, list):
+        if len(generator) != rows:
+            raise ValueError(f"{len(generator)} generators for {rows} rows")
+        # Filled in place, each row on its generator's device (no per-row tensors to stack).
+        noise = torch.empty((rows, vocab_size), device=generator[0].device if rows else device)
+        for row, g in zip(noise, generator, strict=True):
+            row.uniform_(generator=g)
+        return noise.to(device)
+    return torch.rand((rows, vocab_size), generator=generator, device=device)
+
+
 def sample_next_token(
     logits: torch.Tensor,
     params: SamplingParams,
     *,
     vocab_size: int,
-    generator: torch.Generator | None = None,
-    tp_group=None,
+    generator: SamplingGenerator = None,
+    tensor_parallel: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from vocab-parallel `logits` `[b, vocab / TP]`.
 
     Returns `(ids [b], logprobs [b])`: global token ids (identical on every TP rank) and
     log softmax(logits / T) of each (T = 1 for greedy), the untruncated sampling policy that
-    training recomputes.
+    training recomputes. `tensor_parallel`: `(group, world, rank)` of the vocabulary split
+    (default: megatron's tensor-parallel group; `(None, 1, 0)` for logits held whole).
     """
-    group, world, rank = tensor_parallel_group()
-    group = tp_group if tp_group is not None else group
+    group, world, rank = tensor_parallel or tensor_parallel_group()
     x = mask_padded_vocab(logits, vocab_size, rank)
     temperature = 1.0 if params.greedy else params.temperature
     scaled = x / temperature
@@ -276,7 +296,7 @@ def sample_next_token(
         # padding differs with TP); padded ids are -inf already and take a dummy draw.
         b, width = scores.shape
         u = torch.full_like(scores, 0.5)
-        drawn = torch.rand((b, vocab_size), generator=generator, device=scores.device)
+        drawn = gumbel_uniforms(b, vocab_size, generator, scores.device)
         start, end = rank * width, min((rank + 1) * width, vocab_size)
         if end > start:
             u[:, : end - start] = drawn[:, start:end]
@@ -295,13 +315,14 @@ def generate(
     eos_token_id: int,
     pad_token_id: int,
     vocab_size: int,
-    generator: torch.Generator | None = None,
+    generator: SamplingGenerator = None,
     use_kv_cache: bool = True,
 ) -> Generation:
     """Sample a response to each prompt (token ids) with this rank's stage of `model`.
 
     Every tensor-parallel rank must call this with the same prompts and an identically
-    seeded `generator` (data-parallel ranks: different prompts or seeds). `use_kv_cache=False`
+    seeded `generator` (data-parallel ranks: different prompts or seeds); a list of
+    generators gives each row its own stream. `use_kv_cache=False`
     recomputes the whole sequence at every step (the reference the cache is tested against).
     """
     from megatron.core.inference.contexts import StaticInferenceContext

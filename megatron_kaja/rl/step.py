@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from megatron_kaja.rl.advantages import compute_advantages
 from megatron_kaja.rl.config import GRPOConfig
-from megatron_kaja.rl.losses import clipped_policy_loss, token_logprobs
-from megatron_kaja.rl.rollout import PromptRecord, RolloutBatch, collect_rollouts
+from megatron_kaja.rl.losses import clipped_policy_loss, loss_aggregation, token_logprobs
+from megatron_kaja.rl.rollout import PromptRecord, RolloutBatch, RolloutSeeds, collect_rollouts
 from megatron_kaja.rl.sampler import Generation, SamplingParams, causal_padding_mask
 
 
@@ -172,8 +172,10 @@ def grpo_step(
     pad_token_id: int,
     vocab_size: int,
     generator: torch.Generator | None = None,
+    seeds: RolloutSeeds | None = None,
     num_prompts: int | None = None,
     engine=None,
+    data_parallel_group=None,
 ) -> dict:
     """One GRPO step on `config.prompts_per_step` prompts (or `num_prompts`) drawn from
     `prompts`; returns the step's metrics.
@@ -184,6 +186,12 @@ def grpo_step(
     step. `decode` turns response ids into the text the reward reads. `engine` samples the
     rollouts (`megatron_kaja.rl.engines`; default: the builtin sampler on `model`) and must
     hold the current weights; it is put to sleep before the update.
+
+    Sampling randomness: `seeds` gives every completion its own stream, keyed by the prompt's
+    place in the step's global batch, so a step samples the same completions at any
+    data-parallel size; without it, one `generator` stream feeds the whole batch.
+    `data_parallel_group`: the loss is normalized by counts over this group (the global
+    batch), the gradients being averaged over it.
     """
     from megatron_kaja.rl.engines import BuiltinEngine
 
@@ -205,6 +213,7 @@ def grpo_step(
         decode,
         pad_token_id=pad_token_id,
         generator=generator,
+        seeds=seeds,
         filter_zero_variance=config.filter_zero_variance,
         oversample_rounds=config.oversample_rounds,
         zero_variance_tol=config.zero_variance_tol,
@@ -231,10 +240,22 @@ def grpo_step(
         if config.beta > 0:
             ref_model.eval()
             ref = _cat(run_micro_batches(ref_model, gen, slices, **kw))
-    if config.loss_aggregation == "token":
-        normalizer = float(loss_mask.sum().clamp(min=1))
-    else:
-        normalizer = float(n)
+    # The step's normalizer counts the whole global batch (every micro-batch on every
+    # data-parallel rank). Data-parallel gradients are averaged, so each rank divides by its
+    # 1 / DP share of it: the update is then the same at any DP size (with this rank's count
+    # instead, ranks with longer answers would weigh less per token: TRL's `bnpo`).
+    aggregation = loss_aggregation(config.loss_aggregation)
+    counts = torch.tensor(
+        [aggregation.count(loss_mask, config.max_new_tokens), float(loss_mask.sum())],
+        dtype=torch.float64,
+        device=loss_mask.device,  # NCCL reduces device tensors only
+    )
+    dp_size = 1
+    if data_parallel_group is not None:
+        dp_size = dist.get_world_size(group=data_parallel_group)
+        dist.all_reduce(counts, group=data_parallel_group)
+    normalizer = max(float(counts[0]), 1.0) / dp_size
+    token_share = max(float(counts[1]), 1.0) / dp_size  # metrics: token means over the step
 
     def loss_of(rows: slice, logp: torch.Tensor):
         out = clipped_policy_loss(
@@ -245,10 +266,12 @@ def grpo_step(
             clip_eps=config.clip_eps,
             beta=config.beta,
             ref_logprobs=None if ref is None else ref[rows],
+            kl_estimator=config.kl_estimator,
             aggregation=config.loss_aggregation,
             normalizer=normalizer,
+            max_length=config.max_new_tokens,
         )
-        share = float(out.num_tokens) / max(float(loss_mask.sum()), 1.0)
+        share = float(out.num_tokens) / token_share
         info = {"loss": float(out.loss), "clip_frac": float(out.clip_frac) * share}
         info["kl"] = float(out.kl) * share
         return out.loss, info

@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from megatron_kaja.data.readers import read_records
@@ -19,7 +18,7 @@ from megatron_kaja.data.sources import DataSource
 from megatron_kaja.extras import require
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.rl.engines import EngineSettings, build_rollout_engine
-from megatron_kaja.rl.rollout import PromptRecord, prompt_record
+from megatron_kaja.rl.rollout import PromptRecord, RolloutSeeds, prompt_record
 from megatron_kaja.rl.run_config import GRPORunConfig
 from megatron_kaja.rl.step import grpo_step
 from megatron_kaja.training.loop import Run, Trainer, run_training
@@ -172,13 +171,6 @@ def _mean_over_data_parallel(metrics: dict) -> dict:
     return merge_rank_metrics(per_rank)
 
 
-def rollout_generator(seed: int, iteration: int, dp_rank: int) -> torch.Generator:
-    """The sampling stream of one step on one data-parallel rank, from (seed, step, DP rank)
-    alone: identical across the TP ranks of a group and across a resume."""
-    state = np.random.SeedSequence([seed, iteration, dp_rank]).generate_state(1)
-    return torch.Generator().manual_seed(int(state[0]))
-
-
 class GRPOTrainer(Trainer):
     """`train_grpo.py`: rollouts from the policy, judge rewards, clipped loss + KL."""
 
@@ -235,7 +227,7 @@ class GRPOTrainer(Trainer):
                 tokenizer_dir=cfg.tokenizer,
                 max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
                 gpu_memory_utilization=cfg.rollout_gpu_memory_utilization,
-                seed=cfg.seed + run.layout.dp_rank,
+                seed=cfg.seed,  # requests carry their own seeds (RolloutSeeds)
                 transformer_impl=run.stack.transformer_impl,
             ),
         )
@@ -255,9 +247,10 @@ class GRPOTrainer(Trainer):
         )
 
     def step(self, run: Run, iteration: int, log: bool) -> list[dict]:
+        from megatron.core import parallel_state as ps
+
         cfg, stack = run.cfg, run.stack
         lr = stack.optimizer.param_groups[0]["lr"]
-        generator = rollout_generator(cfg.seed, iteration, run.layout.dp_rank)
         synced = time.perf_counter()
         self.engine.load_weights(stack.model)  # the weights of the last update (or the start)
         synced = time.perf_counter() - synced
@@ -273,9 +266,17 @@ class GRPOTrainer(Trainer):
             eos_token_id=run.arch.eos_token_id,
             pad_token_id=self.pad_id,
             vocab_size=run.arch.vocab_size,
-            generator=generator,
+            # Each completion's sampling stream follows from (seed, step, the prompt's index in
+            # the step): the same on the TP ranks of a group, at any DP size, and on resume.
+            seeds=RolloutSeeds(
+                cfg.seed,
+                iteration,
+                first_prompt=run.layout.dp_rank * self.per_rank,
+                device=next(stack.model.parameters()).device,
+            ),
             num_prompts=self.per_rank,
             engine=self.engine,
+            data_parallel_group=ps.get_data_parallel_group(),
         )
         stack.scheduler.step(increment=1)
         # t_sync: weights into the engine and, inside the step, its sleep (0 for builtin).

@@ -15,6 +15,7 @@ from megatron_kaja.rl.engines import (
     HFEngine,
     generation_from_token_lists,
     response_mask,
+    row_seeds,
 )
 from megatron_kaja.rl.rollout import sample_in_chunks
 from megatron_kaja.rl.sampler import SamplingParams
@@ -81,6 +82,32 @@ def test_hf_engine_samples_what_the_builtin_sampler_samples(tiny_policy):
     mask = sampled.response_mask
     torch.testing.assert_close(sampled.logprobs[mask], recomputed[mask], atol=1e-4, rtol=0)
     assert (sampled.response_ids[~mask] == PAD).all() and (sampled.logprobs[~mask] == 0).all()
+
+
+def test_per_row_generators_make_engines_batch_invariant_and_alike(tiny_policy):
+    """One generator per row: a row samples the same tokens whatever else is in its batch,
+    and the hf engine (the builtin sampler's rule on transformers' forward) samples the same
+    tokens as the builtin engine; vLLM requests take one seed from each row's generator."""
+    model, arch = tiny_policy
+    builtin, hf = _engines(model, arch)
+    hf.load_weights(model)
+    params = SamplingParams(8, temperature=1.2, top_p=0.9)
+    prompts = PROMPTS * 2
+
+    def gens(rows):
+        return [torch.Generator().manual_seed(100 + r) for r in rows]
+
+    whole = builtin.generate(prompts, params, gens(range(6)))
+    assert len({tuple(r) for r in whole.responses()}) == 6
+    alone = builtin.generate(prompts[4:5], params, gens([4]))  # narrower padding, 1 row
+    assert alone.responses() == whole.responses()[4:5]
+    theirs = hf.generate(prompts, params, gens(range(6)))
+    assert theirs.responses() == whole.responses()
+    mask = whole.response_mask
+    torch.testing.assert_close(theirs.logprobs[mask], whole.logprobs[mask], atol=1e-4, rtol=0)
+    assert row_seeds(gens([3, 4]), 2) == [row_seeds(gens([r]), 1)[0] for r in (3, 4)]
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        row_seeds(gens([0, 1]), 3)
 
 
 def test_hf_engine_follows_the_trainer_only_after_a_sync(tiny_policy):

@@ -10,6 +10,7 @@ from megatron_kaja.rl.advantages import GroupedRewards
 from megatron_kaja.rl.engines import BuiltinEngine
 from megatron_kaja.rl.rollout import (
     PromptRecord,
+    RolloutSeeds,
     collect_rollouts,
     prompt_record,
     reward_metrics,
@@ -116,3 +117,48 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_policy):
         collect_rollouts(
             engine, iter(_prompts(8)[::2]), *common, filter_zero_variance=True, **kwargs
         )
+
+
+def test_rollout_seeds_follow_the_prompt_not_the_rank():
+    """A rank's streams are the slice of the whole step's at its first prompt; they differ
+    by step, sample and refill round."""
+
+    def draws(gens):
+        return torch.stack([torch.rand(3, generator=g) for g in gens])
+
+    whole = draws(RolloutSeeds(7, 2).generators(0, 0, 4, 3))  # DP=1: 4 prompts x 3 samples
+    rank1 = draws(RolloutSeeds(7, 2, first_prompt=2).generators(0, 0, 2, 3))  # DP=2, rank 1
+    assert torch.equal(rank1, whole[6:])
+    later = draws(RolloutSeeds(7, 2).generators(0, 1, 3, 3))  # the same rank's prompts 1..3
+    assert torch.equal(later, whole[3:])
+    assert len({tuple(row.tolist()) for row in whole}) == 12  # every completion its own
+    other_step = draws(RolloutSeeds(7, 3).generators(0, 0, 4, 3))
+    refill = draws(RolloutSeeds(7, 2).generators(1, 0, 4, 3))
+    assert not (other_step == whole).any() and not (refill == whole).any()
+
+
+def test_seeded_rollouts_are_the_same_at_any_data_parallel_split(tiny_policy):
+    """The step's 4 prompts sampled at once (DP=1) or as two ranks' halves (DP=2): the same
+    completions, although the halves pad their prompts to other widths."""
+    model, arch = tiny_policy
+    engine = BuiltinEngine(
+        model, eos_token_id=arch.eos_token_id, pad_token_id=4, vocab_size=arch.vocab_size
+    )
+    prompts = _prompts(4)
+    prompts[3] = PromptRecord("q3", [1, 50, 51, 52, 53, 54, 55], prompts[3].columns)
+    params = SamplingParams(max_new_tokens=6, temperature=1.3)
+
+    def sample(part, first):
+        batch = collect_rollouts(
+            engine, iter(part), len(part), 3, params, lambda p, c, **k: [0.0] * len(c), str,
+            pad_token_id=4, seeds=RolloutSeeds(5, 1, first_prompt=first),
+        )  # fmt: skip
+        return batch.generation.responses(), batch.generation.logprobs
+
+    whole, whole_lp = sample(prompts, 0)
+    halves = [sample(prompts[:2], 0), sample(prompts[2:], 2)]
+    assert halves[0][0] + halves[1][0] == whole
+    assert len({tuple(r) for r in whole}) > 6  # samples differ within and across groups
+    for (_, lp), rows in zip(halves, (slice(0, 6), slice(6, 12)), strict=True):
+        width = lp.size(1)
+        torch.testing.assert_close(lp, whole_lp[rows, :width], atol=1e-5, rtol=0)

@@ -84,6 +84,18 @@ def test_config_defaults_are_the_seeds_and_validate():
         GRPOConfig(advantage="rloo")
 
 
+def test_loss_choices_default_to_the_seeds_and_validate():
+    c = GRPOConfig()
+    assert (c.advantage, c.kl_estimator, c.loss_aggregation) == ("grpo", "k3", "token")
+    for name in ("k1", "k2", "k3_is"):
+        assert GRPOConfig(kl_estimator=name).kl_estimator == name
+    assert GRPOConfig(loss_aggregation="dr_grpo").loss_aggregation == "dr_grpo"
+    with pytest.raises(ValueError, match=r"GRPOConfig.kl_estimator: use one of \['k1', 'k2'"):
+        GRPOConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match=r"GRPOConfig.loss_aggregation: use one of \['dr_grpo'"):
+        GRPOConfig(loss_aggregation="mean")
+
+
 def test_one_step_metrics_and_update(setup):
     model, ref, prompts, kwargs = setup
     config = GRPOConfig(

@@ -1,0 +1,70 @@
+"""GRPO at DP=2 equals DP=1: every completion samples from a stream keyed by its prompt's
+place in the step (not by the rank that samples it), and the loss is normalized by counts over
+the whole global batch, so splitting a step over ranks changes nothing but fp32 rounding."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_kaja.checkpoint.convert import hf_to_mcore
+from tests.helpers import run_torchrun
+from tests.rl.test_train_grpo import QA, WORKER, _metrics, _weights
+
+STEPS = 2
+VARIANTS = {  # the seed's defaults, and the other normalizers and KL estimators
+    "default": [],
+    "dr_grpo": [
+        "--advantage",
+        "dr_grpo",
+        "--loss-aggregation",
+        "dr_grpo",
+        "--kl-estimator",
+        "k3_is",
+    ],
+    "sequence": ["--loss-aggregation", "sequence", "--kl-estimator", "k2"],
+}
+
+
+@pytest.mark.slow
+def test_grpo_at_dp2_equals_dp1(tmp_path, tiny_hf_dir):
+    rows = [{"ID": f"p{i}", "text": q, "output": a} for i, (q, a) in enumerate(QA * 4)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    hf_to_mcore(tiny_hf_dir, tmp_path / "mc", progress=False)
+
+    def args(out, extra):
+        # 4 prompts x 4 samples per step; micro-batches of 3 rows leave a short last one.
+        return [
+            "--load", str(tmp_path / "mc"), "--tokenizer", str(tiny_hf_dir),
+            "--prompts", f"{prompts}:safety", "--reward", "judge", "--judge-backend", "hf",
+            "--judge-model", str(tiny_hf_dir), "--num-generations", "4",
+            "--max-new-tokens", "6", "--micro-batch-size", "3", "--global-batch-size", "16",
+            "--train-iters", str(STEPS), "--lr", "1e-3", "--temperature", "1.5",
+            "--metrics-file", str(out / "metrics.jsonl"), "--save", str(out), "--seed", "3",
+            *extra,
+        ]  # fmt: skip
+
+    for dp in (1, 2):
+        runs = [args(tmp_path / f"dp{dp}_{name}", extra) for name, extra in VARIANTS.items()]
+        run_torchrun(WORKER, dp, json.dumps([{"entry": "grpo", "argv": r} for r in runs]))
+    for name in VARIANTS:
+        one = _metrics(tmp_path / f"dp1_{name}" / "metrics.jsonl")
+        two = _metrics(tmp_path / f"dp2_{name}" / "metrics.jsonl")
+        assert [m["step"] for m in two] == list(range(1, STEPS + 1))
+        assert all(m["reward_std"] > 0 and m["grad_norm"] > 1e-3 for m in one), name
+        for a, b in zip(one, two, strict=True):
+            # The same completions (hence rewards and lengths), loss, KL and gradient.
+            for key in ("reward_mean", "response_len_mean"):
+                assert a[key] == pytest.approx(b[key], abs=1e-6), (name, key)
+            for key in ("loss", "kl", "clip_frac"):
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (name, key)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), name
+            assert math.isfinite(a["loss"])
+        start = _weights(tmp_path / "mc")
+        w1 = _weights(tmp_path / f"dp1_{name}" / f"iter_{STEPS:07d}")
+        w2 = _weights(tmp_path / f"dp2_{name}" / f"iter_{STEPS:07d}")
+        for key, tensor in w1.items():
+            assert not torch.equal(tensor, start[key]), (name, key)  # the update moved it
+            torch.testing.assert_close(w2[key], tensor, atol=1e-5, rtol=0, msg=f"{name} {key}")
