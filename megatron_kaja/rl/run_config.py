@@ -62,7 +62,7 @@ class GRPORunConfig(RunSettings):
     top_p: float = Field(default=_D.top_p, description="nucleus sampling mass")
     beta: float = Field(default=_D.beta, description="KL weight; 0 keeps no reference model")
     clip_eps: float = Field(default=_D.clip_eps, description="PPO ratio clip")
-    advantage: Literal[advantage_names()] = Field(  # type: ignore[valid-type]
+    advantage: Literal[tuple(advantage_names())] = Field(  # type: ignore[valid-type]
         default=_D.advantage, description="advantage estimator"
     )
     kl_estimator: Literal[tuple(kl_estimator_names())] = Field(  # type: ignore[valid-type]
