@@ -65,7 +65,7 @@ class RubricProtocol:
         kinds: list[str],
         rubrics: dict[str, str] | None = None,
         mode: str = "choice",
-        max_attempts: int = 3,
+        max_attempts: int | None = None,
         seed: int = 0,
         **_,
     ) -> None:
@@ -73,7 +73,7 @@ class RubricProtocol:
             k: load_rubric((rubrics or {}).get(k, EVAL_RUBRIC_BY_KIND[k])) for k in kinds
         }
         self.mode = mode
-        self.config = JudgeConfig(mode=mode, max_attempts=max_attempts, seed=seed)
+        self.config = JudgeConfig(mode=mode, max_attempts=max_attempts or 3, seed=seed)
         self._judge: LLMJudge | None = None
 
     def describe(self) -> dict:

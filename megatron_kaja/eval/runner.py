@@ -131,7 +131,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         kinds=list(data),
         rubrics=cfg.rubrics,
         mode=cfg.judge_mode,
-        max_attempts=cfg.judge_max_attempts or 3,
+        max_attempts=cfg.judge_max_attempts,
         root=cfg.llm_jp_judge,
         seed=cfg.seed,
     )
