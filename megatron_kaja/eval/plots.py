@@ -63,7 +63,7 @@ def bar_chart(path: Path, groups: list[tuple[str, str]], series: dict[str, list]
             ha="right",
             fontsize=7,
         )
-        ax.set_ylabel("%" if panel.startswith("rates") else "score")
+        ax.set_ylabel("rate (%)" if panel.startswith("rates") else "score (judge scale)")
         ax.set_title(panel)
         if panel.startswith("rates"):
             ax.set_ylim(0, 100)
