@@ -34,7 +34,7 @@ def bar_chart(path: Path, groups: list[tuple[str, str]], series: dict[str, list]
     panels = [
         ("rates (%)", [i for i, g in enumerate(groups) if metric_info(g[1]).unit == "%"]),
         (
-            "scores (judge scale)",
+            "scores",
             [i for i, g in enumerate(groups) if metric_info(g[1]).unit != "%"],
         ),
     ]
