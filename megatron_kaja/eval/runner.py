@@ -111,11 +111,13 @@ def _load_done(path: Path) -> dict[str, dict]:
 
 
 def _done(judgement: dict | None) -> bool:
-    """A judgement is final with a score or a recorded reason; one whose requests failed
-    (no score, no reason) is judged again."""
-    return judgement is not None and (
-        judgement.get("score") is not None or judgement.get("reason") is not None
-    )
+    """A judgement is final with a score or a recorded reason, and no request of it (an
+    axis, a second question) failed without one; anything else is judged again."""
+    if judgement is None:
+        return False
+    if judgement.get("reason") is not None:
+        return True
+    return judgement.get("score") is not None and not judgement.get("error")
 
 
 def run_evaluation(cfg: EvalConfig) -> dict:

@@ -220,7 +220,10 @@ class LLMJudge:
         methods = {e["method"] for e in entries}
         # "choice" (no log-probs) in any axis marks the whole judgement.
         method = "choice" if "choice" in methods else (methods.pop() if len(methods) == 1 else None)
-        error = next((t["error"] for t in fresh if t["error"]), None) if score is None else None
+        # The error of a request that failed for good, on any axis: the sample is not final
+        # (a rerun asks the failed axes again; the readable ones come from the cache).
+        failed = [trace[k] for k, e in axes.values() if e is None and k in trace]
+        error = next((t["error"] for t in failed if t["error"]), None)
         primary_entry = axes[primary][1]
         return Judgement(
             score=score,

@@ -266,6 +266,8 @@ class LLMJPJudge:
                 entry = self.cache.get(keys["safety"])
                 if entry is None:
                     judgement.axes["safety"] = None
+                    failed = trace.get(keys["safety"], {}).get("error")
+                    judgement.error = judgement.error or failed  # not final: asked again
                 elif "api_error" in entry:
                     judgement.axes["safety"] = task.error_score("safety")
                 else:

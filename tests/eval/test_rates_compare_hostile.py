@@ -234,3 +234,25 @@ def test_paired_compare_significance_and_tradeoff_chart(tmp_path):
     text = (tmp_path / "cmp" / "compare.md").read_text("utf-8")
     assert "Significant at 95%: " in text and "grpo safety/violation_rate (-75.00)" in text
     assert (tmp_path / "cmp" / "tradeoff.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failed_axis_is_asked_again_alone(tmp_path):
+    rows = [{"ID": "h1", "input": "日本の首都は?", "output": "東京", "prediction": "東京です。"}]
+    p = {"helpful": write_jsonl(tmp_path / "h.jsonl", rows)}
+
+    def accuracy_fails(body):
+        failing = "正確性:" in body["messages"][1]["content"]
+        return ScriptedReply(status=400) if failing else ScriptedReply(text="評価：4")
+
+    with ScriptedOpenAIServer(responder=accuracy_fails) as server:
+        first = run_evaluation(
+            config(server, tmp_path / "run", predictions=p, judge_mode="free_text")
+        )
+    assert first["datasets"]["helpful"]["accuracy"]["value"] is None
+    with ScriptedOpenAIServer(responder=lambda b: ScriptedReply(text="評価：5")) as server:
+        second = run_evaluation(
+            config(server, tmp_path / "run", predictions=p, judge_mode="free_text")
+        )
+        assert len(server.requests) == 1  # only the accuracy axis; the others are cached
+    helpful = second["datasets"]["helpful"]
+    assert helpful["accuracy"]["value"] == 5 and helpful["overall"]["value"] == 4
