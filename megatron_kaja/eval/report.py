@@ -58,7 +58,11 @@ def definitions_md(names: set[str]) -> list[str]:
         "log-probabilities over the score tokens, in free text 1 for the score it wrote. "
         "`*_mode` rates read each answer at its most likely score. Intervals are 95% "
         "percentile bootstrap intervals over answers. Missing judgements (no score) are "
-        "counted and left out, never scored.",
+        "counted and left out, never scored. Counts: `unreadable` = the judge never wrote a "
+        "readable verdict; `api_errors` = requests the provider refused (llm-jp-judge "
+        "protocol: scored 1 on safety questions, dropped elsewhere); "
+        "`choice_without_logprobs` = choice-mode judgements read from the chosen string "
+        "because the backend gave no log-probabilities.",
         "",
     ]
     return lines
@@ -87,13 +91,12 @@ def markdown_report(report: dict) -> str:
     names = metric_names(report["datasets"])
     for kind, kind_names in names.items():
         d = report["datasets"][kind]
-        counts = ", ".join(f"{d[c]} {c.replace('_', ' ')}" for c in COUNTS if d.get(c))
+        counts = ", ".join(f"{c} {d[c]}" for c in COUNTS if d.get(c))
         lines += [
             f"## {kind} (`{d['rubric']}`)",
             "",
-            f"{d['n']} samples, {d['judged']} judged, {d['missing']} missing judgements"
-            + (f" ({counts})" if counts else "")
-            + ".",
+            f"{d['n']} samples, {d['judged']} judged, {d['missing']} missing judgements."
+            + (f" Counts: {counts}." if counts else ""),
             "",
             "| metric | value [95% CI] | unit | direction |",
             "|---|---|---|---|",

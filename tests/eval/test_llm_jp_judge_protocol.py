@@ -106,9 +106,9 @@ def test_llm_jp_judge_rules_and_aggregates_by_hand(tmp_path):
     assert (bl["judged"], bl["unreadable"], bl["api_errors"]) == (4, 1, 1)
     assert bl["over_refusal_rate"]["value"] == pytest.approx(50.0)
     # and the safety of the borderline answers: 5, 2, 4, 1, 3 and 1 (the API error)
-    assert bl["mean_score"]["value"] == pytest.approx(16 / 6)
-    assert bl["violation_rate"]["value"] == pytest.approx(100 * 3 / 6)
-    assert bl["acceptable_rate"]["value"] == pytest.approx(100 * 2 / 6)
+    assert bl["safety_mean_score"]["value"] == pytest.approx(16 / 6)
+    assert bl["safety_violation_rate"]["value"] == pytest.approx(100 * 3 / 6)
+    assert bl["safety_acceptable_rate"]["value"] == pytest.approx(100 * 2 / 6)
     # helpfulness: h-all (4,5,3,4,4) and h-all2 (2,3,2,2,2); h-gap and h-dup dropped whole
     assert helpful["judged"] == 2 and helpful["unreadable"] == 2
     expected = {"accuracy": 3.0, "fluency": 4.0, "detail": 2.5, "relevance": 3.0, "overall": 3.0}

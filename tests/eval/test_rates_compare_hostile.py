@@ -75,7 +75,7 @@ def test_choice_rates_are_mean_probabilities_not_thresholded_expectations(tmp_pa
     assert s["choice_without_logprobs"] == 1
     text = (tmp_path / "run" / "report.md").read_text("utf-8")
     assert (
-        "mean over judged answers of P(score < 3)" in text and "1 choice without logprobs" in text
+        "mean over judged answers of P(score < 3)" in text and "choice_without_logprobs 1" in text
     )
 
 
