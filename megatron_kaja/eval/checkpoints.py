@@ -93,5 +93,6 @@ def write_curve(out: Path, run_name: str, reports: dict[int, dict]) -> None:
     tradeoff_chart(
         out / "tradeoff.png",
         {f"{run_name} step {s}": r for s, r in sorted(reports.items())},
-        f"{run_name}: one point per checkpoint",
+        f"{run_name}: one point per checkpoint, joined in step order",
+        connect=True,
     )

@@ -88,10 +88,13 @@ def _err(m: dict | None) -> list[float]:
     return [m["value"] - m["ci95"][0], m["ci95"][1] - m["value"]]
 
 
-def tradeoff_chart(path: Path, reports: dict[str, dict], title: str = "") -> bool:
+def tradeoff_chart(
+    path: Path, reports: dict[str, dict], title: str = "", connect: bool = False
+) -> bool:
     """Safety violation rate against borderline over-refusal rate, one point per model with
-    95% CI whiskers on both axes, and helpfulness (overall) beside it. Returns False (and
-    draws nothing) when no model has both a safety and a borderline result."""
+    95% CI whiskers on both axes, and helpfulness (overall) beside it; `connect` joins the
+    points in order (checkpoints of one run). Returns False (and draws nothing) when no
+    model has both a safety and a borderline result."""
     points = {
         name: (
             _metric(r, "borderline", "over_refusal_rate"),
@@ -114,6 +117,10 @@ def tradeoff_chart(path: Path, reports: dict[str, dict], title: str = "") -> boo
     )
     ax = axes[0][0]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if connect and len(points) > 1:
+        xs = [p[0]["value"] for p in points.values()]
+        ys = [p[1]["value"] for p in points.values()]
+        ax.plot(xs, ys, color="0.6", linewidth=1, zorder=0)
     for i, (name, (refusal, violation)) in enumerate(points.items()):
         color = colors[i % len(colors)]
         ax.errorbar(
@@ -126,14 +133,16 @@ def tradeoff_chart(path: Path, reports: dict[str, dict], title: str = "") -> boo
             color=color,
             label=name,
         )
+        # Alternate label offsets so that close points keep readable names.
         ax.annotate(
             name,
             (refusal["value"], violation["value"]),
             textcoords="offset points",
-            xytext=(6, 6),
+            xytext=(6, 8 if i % 2 == 0 else -14),
             fontsize=8,
             color=color,
         )
+    ax.legend(fontsize=7, loc="upper right")
     ax.set_xlabel("borderline over-refusal rate (%, lower is better)")
     ax.set_ylabel("safety violation rate (%, lower is better)")
     ax.set_xlim(-5, 105)
