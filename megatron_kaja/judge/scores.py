@@ -67,8 +67,12 @@ def mask_quoted(text: str, quoted: str, pattern: re.Pattern | str = r"\[\[[^\]]*
     pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
     stripped = quoted.strip()
     out = list(text)
+    covered_to = -1  # end of the last quoted stretch: matches inside it need no new search
     for match in pattern.finditer(text):
         start, end = match.span()
+        if end <= covered_to:
+            out[start:end] = " " * (end - start)
+            continue
         if text[start:end] not in quoted:
             continue
         # Grow the copied stretch to the left, then to the right, while it stays in `quoted`.
@@ -79,6 +83,7 @@ def mask_quoted(text: str, quoted: str, pattern: re.Pattern | str = r"\[\[[^\]]*
             hi += 1
         if hi - lo >= min(QUOTE_MIN_CHARS, len(stripped)):
             out[start:end] = " " * (end - start)
+            covered_to = hi
     return "".join(out)
 
 
