@@ -7,6 +7,9 @@
     python tools/evaluate.py --predictions safety=preds.jsonl --judge-backend hf \\
         --judge-model JUDGE_DIR --out DIR
     python tools/evaluate.py --compare DIR_BASE DIR_SFT DIR_GRPO --out DIR_CMP
+    python tools/evaluate.py --checkpoints runs/grpo --hf-template HF_BASE \\
+        --dataset safety=ac_test.jsonl --dataset borderline=bl.jsonl ... --out DIR_CURVE
+    add --protocol llm-jp-judge --llm-jp-judge PATH for llm-jp-judge's prompts and rules
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_kaja.eval import KINDS, EvalConfig, compare_runs, run_evaluation
+from megatron_kaja.eval import (
+    KINDS,
+    EvalConfig,
+    compare_runs,
+    evaluate_checkpoints,
+    protocol_names,
+    run_evaluation,
+)
 from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
 
 
@@ -34,7 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_recipe_arguments(p)
     p.add_argument("--out", required=True, help="output directory (resumed if it exists)")
-    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare finished runs")
+    p.add_argument(
+        "--compare", nargs="+", metavar="RUN_DIR", help="paired comparison of finished runs"
+    )
+    p.add_argument(
+        "--checkpoints",
+        metavar="RUN_DIR",
+        help="evaluate every iter_XXXXXXX checkpoint of a training run (needs --hf-template)",
+    )
+    p.add_argument("--hf-template", help="HF folder whose config and tokenizer the checkpoints use")
+    p.add_argument("--name", help="the model's name in reports and charts (default: its folder)")
     data = p.add_argument_group("answers")
     data.add_argument(
         "--dataset", type=_kind_path, action="append", default=[], metavar="KIND=FILE"
@@ -52,9 +71,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     judge.add_argument("--judge-model", help="served model name (openai) or checkpoint path")
     judge.add_argument("--judge-base-url", help="e.g. http://localhost:8000/v1 (openai backend)")
     judge.add_argument("--judge-api-key", default="EMPTY")
-    judge.add_argument("--judge-mode", choices=("choice", "free_text"), default="choice")
+    judge.add_argument(
+        "--protocol",
+        choices=protocol_names(),
+        default="megatron-kaja",
+        help="megatron-kaja: our rubrics; llm-jp-judge: its prompt files and scoring rules",
+    )
+    judge.add_argument(
+        "--llm-jp-judge", metavar="PATH", help="llm-jp-judge checkout (default: installed package)"
+    )
+    judge.add_argument(
+        "--judge-mode", choices=("choice", "free_text"), help="default: choice (our protocol)"
+    )
     judge.add_argument("--judge-concurrency", type=int, default=32)
-    judge.add_argument("--judge-max-attempts", type=int, default=3)
+    judge.add_argument(
+        "--judge-max-attempts", type=int, help="default: 3 (llm-jp-judge: its max_retries + 1 = 4)"
+    )
     judge.add_argument(
         "--choice-param",
         choices=("structured_outputs", "guided_choice"),
@@ -71,15 +103,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad input (a flag, a file, an --out folder made from something else): one line.
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     for flag in ("dataset", "predictions", "rubric"):
         kinds = [kind for kind, _ in getattr(args, flag)]
         if len(kinds) != len(set(kinds)):
             raise SystemExit(f"--{flag}: each kind may be given once, got {kinds}")
     if args.compare:
-        compare_runs(args.compare, args.out)
-        print(f"wrote {args.out}/compare.md, compare.json, compare.png")
+        compare_runs(args.compare, args.out, args.bootstrap_samples, args.seed)
+        print(f"wrote {args.out}/compare.md, compare.json, compare.png, tradeoff.png")
         return 0
+    if args.checkpoints:
+        if not args.hf_template:
+            raise SystemExit("--checkpoints needs --hf-template (the HF folder of the run's model)")
+        if args.predictions or args.model:
+            raise SystemExit(
+                "--checkpoints generates answers: use --dataset, not --predictions/--model"
+            )
+        args.model = args.checkpoints  # validated per step; the config needs a model
     cfg = EvalConfig(
         out_dir=args.out,
         datasets=dict(args.dataset),
@@ -96,6 +145,9 @@ def main(argv=None) -> int:
         judge_mode=args.judge_mode,
         judge_concurrency=args.judge_concurrency,
         judge_max_attempts=args.judge_max_attempts,
+        protocol=args.protocol,
+        llm_jp_judge=args.llm_jp_judge,
+        name=args.name,
         choice_param=args.choice_param,
         rubrics=dict(args.rubric),
         chunk_size=args.chunk_size,
@@ -112,9 +164,18 @@ def main(argv=None) -> int:
             + [(f"--predictions {k}=", path) for k, path in cfg.predictions.items()]
         )
         return dry_run_result(missing, args.allow_missing_files)
+    if args.checkpoints:
+        reports = evaluate_checkpoints(cfg, args.checkpoints, args.hf_template)
+        print(
+            f"evaluated steps {sorted(reports)}; wrote {args.out}/curve.md, curve.png, tradeoff.png"
+        )
+        return 0
     report = run_evaluation(cfg)
     for kind, metrics in report["datasets"].items():
-        print(kind, {k: v["value"] for k, v in metrics.items() if isinstance(v, dict)})
+        print(
+            kind,
+            {k: v["value"] for k, v in metrics.items() if isinstance(v, dict) and "value" in v},
+        )
     print(f"wrote {args.out}/report.json, report.md, report.png")
     return 0
 

@@ -1,9 +1,12 @@
 """An evaluation run: answers (generated or read) -> judge -> metrics -> report.
 
 Everything that can be wrong with the input is checked before the first answer is
-generated: dataset files and kinds, rubrics, a reachable judge, the answer model. Each
-sample's prediction and judgement are appended to `OUT/<kind>/*.jsonl` as soon as they
-exist, so a killed run resumes where it stopped.
+generated: dataset files and kinds, rubrics or protocol files, the output folder's
+manifest (a folder made from another model, data set, judge or protocol is refused), a
+reachable judge, the answer model. Each sample's prediction and judgement are appended to
+`OUT/<kind>/*.jsonl` as soon as they exist, so a killed run resumes where it stopped. A
+judgement is done when it has a score or a final reason (`unreadable`, `api_error`): one
+left without either (the judge server failed) is asked again by the next run.
 """
 
 from __future__ import annotations
@@ -16,18 +19,13 @@ from typing import Literal
 
 from tqdm import tqdm
 
+from megatron_kaja.eval.manifest import build_manifest, check_manifest
 from megatron_kaja.eval.metrics import dataset_metrics
+from megatron_kaja.eval.protocols import build_protocol, protocol_names
 from megatron_kaja.eval.records import EvalRecord, load_records
-from megatron_kaja.eval.report import atomic_write_text, write_report
+from megatron_kaja.eval.report import write_report
 from megatron_kaja.inference import GenerationRequest, build_backend
-from megatron_kaja.judge import (
-    EVAL_RUBRIC_BY_KIND,
-    JudgeCache,
-    JudgeConfig,
-    JudgeSample,
-    LLMJudge,
-    load_rubric,
-)
+from megatron_kaja.judge import JudgeCache
 from megatron_kaja.judge.backend import build_judge_backend
 from megatron_kaja.judge.cache import read_jsonl_tolerant
 
@@ -48,9 +46,12 @@ class EvalConfig:
     judge_model: str | None = None
     judge_base_url: str | None = None
     judge_api_key: str = "EMPTY"
-    judge_mode: Literal["choice", "free_text"] = "choice"
+    judge_mode: Literal["choice", "free_text"] | None = None  # None: the protocol's default
     judge_concurrency: int = 32
-    judge_max_attempts: int = 3
+    judge_max_attempts: int | None = None  # None: the protocol's default (3; llm-jp-judge 4)
+    protocol: str = "megatron-kaja"
+    llm_jp_judge: str | None = None  # llm-jp-judge checkout or package folder
+    name: str | None = None  # the model's name in reports and charts
     choice_param: Literal["structured_outputs", "guided_choice"] = "structured_outputs"
     rubrics: dict[str, str] = field(default_factory=dict)  # kind -> rubric name or YAML
     chunk_size: int = 32
@@ -71,11 +72,18 @@ class EvalConfig:
             raise ValueError(
                 "--judge-backend openai needs --judge-base-url (e.g. http://host:8000/v1)"
             )
-
-    def judge_fingerprint(self) -> dict:
-        """What makes two runs' judgements comparable; a resumed run must match it."""
-        keys = ("judge_backend", "judge_model", "judge_mode", "rubrics")
-        return {k: getattr(self, k) for k in keys}
+        if self.protocol not in protocol_names():
+            raise ValueError(f"--protocol {self.protocol!r}: choose one of {protocol_names()}")
+        if self.protocol == "llm-jp-judge":
+            if self.judge_mode == "choice":
+                raise ValueError("--protocol llm-jp-judge judges in free text: drop --judge-mode")
+            if self.rubrics:
+                raise ValueError("--protocol llm-jp-judge uses its own prompt files: drop --rubric")
+        if self.judge_mode is None:
+            self.judge_mode = "free_text" if self.protocol == "llm-jp-judge" else "choice"
+        if self.name is None:
+            source = self.model if self.datasets else self.out_dir
+            self.name = Path(source).name or str(source)
 
 
 def _judge_backend(cfg: EvalConfig):
@@ -102,6 +110,16 @@ def _load_done(path: Path) -> dict[str, dict]:
     return read_jsonl_tolerant(path, key="id") if path.is_file() else {}
 
 
+def _done(judgement: dict | None) -> bool:
+    """A judgement is final with a score or a recorded reason, and no request of it (an
+    axis, a second question) failed without one; anything else is judged again."""
+    if judgement is None:
+        return False
+    if judgement.get("reason") is not None:
+        return True
+    return judgement.get("score") is not None and not judgement.get("error")
+
+
 def run_evaluation(cfg: EvalConfig) -> dict:
     """Run the evaluation described by `cfg`; returns the report (also written to disk)."""
     # 1. Validate everything before compute.
@@ -110,30 +128,24 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         data[kind] = load_records(path, kind, with_predictions=False)
     for kind, path in cfg.predictions.items():
         data[kind] = load_records(path, kind, with_predictions=True)
-    rubrics = {kind: load_rubric(cfg.rubrics.get(kind, EVAL_RUBRIC_BY_KIND[kind])) for kind in data}
+    protocol = build_protocol(
+        cfg.protocol,
+        kinds=list(data),
+        rubrics=cfg.rubrics,
+        mode=cfg.judge_mode,
+        max_attempts=cfg.judge_max_attempts,
+        root=cfg.llm_jp_judge,
+        seed=cfg.seed,
+    )
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint_path = out / "judge.json"
-    if fingerprint_path.is_file():
-        previous = json.loads(fingerprint_path.read_text(encoding="utf-8"))
-        if previous != cfg.judge_fingerprint():
-            raise ValueError(
-                f"{out} holds judgements made with {previous}; this run uses "
-                f"{cfg.judge_fingerprint()}. Use another --out."
-            )
+    check_manifest(out, build_manifest(cfg, protocol.describe()))
     judge_backend = _judge_backend(cfg)
     judge_backend.check()
     generator = None
     if cfg.datasets:
         generator = build_backend(cfg.gen_backend, model=cfg.model)
         generator.check()
-    atomic_write_text(fingerprint_path, json.dumps(cfg.judge_fingerprint(), ensure_ascii=False))
-    judge = LLMJudge(
-        judge_backend,
-        {rubric.name: rubric for rubric in rubrics.values()},
-        JudgeConfig(mode=cfg.judge_mode, max_attempts=cfg.judge_max_attempts, seed=cfg.seed),
-        cache=JudgeCache(out / "judge_cache.jsonl"),
-    )
+    protocol.start(judge_backend, JudgeCache(out / "judge_cache.jsonl"))
 
     # 2. Per dataset, chunk by chunk: answer, persist, judge, persist.
     datasets_report = {}
@@ -143,7 +155,7 @@ def run_evaluation(cfg: EvalConfig) -> dict:
         predictions = {r.id: r.prediction for r in records if r.prediction is not None}
         predictions.update({i: rec["prediction"] for i, rec in _load_done(pred_path).items()})
         judged = _load_done(judge_path)
-        todo = [r for r in records if r.id not in judged]
+        todo = [r for r in records if not _done(judged.get(r.id))]
         bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"evaluate {kind}")
         for start in range(0, len(todo), cfg.chunk_size):
             chunk = todo[start : start + cfg.chunk_size]
@@ -156,32 +168,23 @@ def run_evaluation(cfg: EvalConfig) -> dict:
                 ]
                 _append(pred_path, new)
                 predictions.update({rec["id"]: rec["prediction"] for rec in new})
-            samples = [
-                JudgeSample(
-                    rubric=rubrics[kind].name,
-                    input_text=r.question,
-                    pred=predictions[r.id],
-                    output_text=r.reference,
-                    eval_aspect=r.eval_aspect,
-                )
-                for r in chunk
-            ]
-            new_judged = [
-                {"id": r.id, **asdict(j)} for r, j in zip(chunk, judge.judge(samples), strict=True)
-            ]
+            verdicts = protocol.judge(kind, chunk, [predictions[r.id] for r in chunk])
+            new_judged = [{"id": r.id, **asdict(j)} for r, j in zip(chunk, verdicts, strict=True)]
             _append(judge_path, new_judged)
             judged.update({rec["id"]: rec for rec in new_judged})
             bar.update(len(chunk))
         bar.close()
         per_sample = [judged[r.id] for r in records]
         datasets_report[kind] = dataset_metrics(
-            rubrics[kind], per_sample, cfg.bootstrap_samples, cfg.seed
+            protocol.metric_spec(kind), per_sample, cfg.bootstrap_samples, cfg.seed
         )
 
     # 3. Report.
     report = {
-        "judge": {"backend": cfg.judge_backend, "model": cfg.judge_model, "mode": cfg.judge_mode},
+        "name": cfg.name,
         "model": cfg.model,
+        "judge": {"backend": cfg.judge_backend, "model": cfg.judge_model, "mode": cfg.judge_mode},
+        "protocol": protocol.describe(),
         "datasets": datasets_report,
     }
     write_report(out, report)

@@ -10,7 +10,12 @@ from megatron_kaja.judge.rubric import (
     fence,
     load_rubric,
 )
-from megatron_kaja.judge.scores import expected_judge_score, parse_score
+from megatron_kaja.judge.scores import (
+    expected_judge_score,
+    mask_quoted,
+    parse_score,
+    score_distribution,
+)
 
 __all__ = [
     "EVAL_RUBRIC_BY_KIND",
@@ -25,6 +30,8 @@ __all__ = [
     "expected_judge_score",
     "fence",
     "load_rubric",
+    "mask_quoted",
     "parse_score",
     "read_score",
+    "score_distribution",
 ]

@@ -1,23 +1,31 @@
 """The LLM judge: rubric + generation backend -> scores, with retries, dedup and caching.
 
 Two ways to read a score (`JudgeConfig.mode`):
-- `choice`: the judge may only answer one of the score strings; the score is the expected
-  score over the score tokens' probabilities (`choice_logprobs` from the `hf` backend, or
-  the first position's `top_logprobs` from vLLM). One generated token, a continuous value.
-- `free_text`: the judge writes freely (llm-jp-judge style) and `parse_score` reads it.
+- `choice`: the judge may only answer one of the score strings; the judgement keeps the
+  judge's probability of every score (`choice_logprobs` from the `hf` backend, or the first
+  position's `top_logprobs` from vLLM) and its expected score. One generated token. A
+  backend that returns no log-probabilities leaves only the chosen string: that reading is
+  marked `method="choice"` and counted in the report, never passed off as a distribution.
+- `free_text`: the judge writes freely and `parse_score` reads its final verdict, after
+  blanking anything the judge copied verbatim from the answer (`mask_quoted`): a score
+  forged in the answer and quoted by the judge is not the judge's score.
 An output that cannot be read is asked again (sampling, so that the retry can differ), and
-after `max_attempts` reported as `None`, never counted as any score.
+after `max_attempts` reported as `None` with the final reason `unreadable`, never counted as
+any score. A request that failed (server error) has no final reason: a rerun asks again.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 from megatron_kaja.inference import GenerationBackend, GenerationRequest, GenerationResult
 from megatron_kaja.judge.cache import JudgeCache, judgement_key
 from megatron_kaja.judge.rubric import JudgeMode, Rubric
-from megatron_kaja.judge.scores import expected_judge_score, parse_score
+from megatron_kaja.judge.scores import mask_quoted, parse_score, score_distribution
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,15 +65,31 @@ class Judgement:
     score: float | None
     normalized: float | None
     axes: dict[str, float | None] = field(default_factory=dict)
-    method: str | None = None  # "expected" | "choice" | "parsed"
+    method: str | None = None  # "expected" | "choice" (no log-probs) | "parsed"
+    # P(score) of the primary judgement, keys are the scores as strings (JSON object keys).
+    probs: dict[str, float] | None = None
     attempts: int = 0
     completion_tokens: int = 0
     raw: list[str] = field(default_factory=list)
     error: str | None = None
+    # Why a judgement without a score is final ("unreadable"); None with a score, and None
+    # when the request failed (a rerun retries it).
+    reason: str | None = None
 
 
-def read_score(result: GenerationResult, rubric: Rubric, mode: JudgeMode) -> dict | None:
-    """Score one backend result, or None when it is unreadable."""
+def _from_distribution(probs: dict[int, float], method: str) -> dict:
+    return {
+        "score": sum(s * p for s, p in probs.items()),
+        "probs": {str(s): p for s, p in probs.items()},
+        "method": method,
+    }
+
+
+def read_score(
+    result: GenerationResult, rubric: Rubric, mode: JudgeMode, quoted: str = ""
+) -> dict | None:
+    """Score one backend result, or None when it is unreadable. `quoted` is the answer
+    under judgement: in free text, what the judge copied from it is not read."""
     if not result.ok:
         return None
     scores = rubric.scale.scores
@@ -75,15 +99,17 @@ def read_score(result: GenerationResult, rubric: Rubric, mode: JudgeMode) -> dic
             top = max(result.choice_logprobs.values())
             weights = {int(c): math.exp(lp - top) for c, lp in result.choice_logprobs.items()}
             total = sum(weights.values())
-            return {"score": sum(s * w for s, w in weights.items()) / total, "method": "expected"}
+            return _from_distribution({s: w / total for s, w in weights.items()}, "expected")
         if result.top_logprobs:
-            found = expected_judge_score(result.top_logprobs[0], scores)
-            if found is not None:
-                return {"score": found[0], "method": "expected", "mass": found[1]}
-        value = parse_score(result.text, scores)  # constrained text without usable logprobs
-        return None if value is None else {"score": float(value), "method": "choice"}
-    value = parse_score(result.text, scores)
-    return None if value is None else {"score": float(value), "method": "parsed"}
+            probs = score_distribution(result.top_logprobs[0], scores)
+            if probs is not None:
+                return _from_distribution(probs, "expected")
+        # Constrained text without usable log-probs: the chosen score alone, marked so that
+        # the report counts it (rates then read it as certain).
+        value = parse_score(result.text, scores)
+        return None if value is None else _from_distribution({value: 1.0}, "choice")
+    value = parse_score(mask_quoted(result.text, quoted), scores)
+    return None if value is None else _from_distribution({value: 1.0}, "parsed")
 
 
 class LLMJudge:
@@ -145,10 +171,10 @@ class LLMJudge:
                 except KeyError as exc:
                     raise KeyError(f"sample {i}: {exc.args[0]}") from exc
                 key = judgement_key(self.judge_id, self.config.mode, messages)
-                units.append((i, axis, key, messages, rubric))
+                units.append((i, axis, key, messages, rubric, sample.pred))
 
         # Identical requests (same rubric, question, reference, answer, axis) run once.
-        pending = {key: (messages, rubric) for _, _, key, messages, rubric in units}
+        pending = {key: (messages, rubric, pred) for _, _, key, messages, rubric, pred in units}
         pending = {k: v for k, v in pending.items() if self.cache.get(k) is None}
         trace: dict[str, dict] = {
             k: {"attempts": 0, "raw": [], "tokens": 0, "error": None} for k in pending
@@ -164,13 +190,22 @@ class LLMJudge:
                 t["tokens"] += result.completion_tokens
                 t["raw"].append(result.text if result.ok else f"<error: {result.error}>")
                 t["error"] = result.error
-                read = read_score(result, pending[key][1], self.config.mode)
+                read = read_score(result, pending[key][1], self.config.mode, pending[key][2])
                 if read is not None:
                     self.cache.put(key, {**read, "raw": result.text, "attempts": attempt})
                     del pending[key]
 
+        without_logprobs = sum(
+            1 for key in trace if (self.cache.get(key) or {}).get("method") == "choice"
+        )
+        if without_logprobs:
+            logger.warning(
+                "judge: %d choice-mode judgements came without log-probabilities; their "
+                "scores are the chosen strings (counted as choice_without_logprobs)",
+                without_logprobs,
+            )
         by_sample: dict[int, dict[str | None, tuple[str, dict | None]]] = {}
-        for i, axis, key, _, _ in units:
+        for i, axis, key, *_ in units:
             by_sample.setdefault(i, {})[axis] = (key, self.cache.get(key))
         return [self._assemble(samples[i], by_sample[i], trace) for i in range(len(samples))]
 
@@ -183,13 +218,24 @@ class LLMJudge:
         fresh = [trace[k] for k in keys if k in trace]
         entries = [e for _, e in axes.values() if e]
         methods = {e["method"] for e in entries}
+        # "choice" (no log-probs) in any axis marks the whole judgement.
+        method = "choice" if "choice" in methods else (methods.pop() if len(methods) == 1 else None)
+        # The error of a request that failed for good, on any axis: the sample is not final
+        # (a rerun asks the failed axes again; the readable ones come from the cache).
+        failed = [trace[k] for k, e in axes.values() if e is None and k in trace]
+        error = next((t["error"] for t in failed if t["error"]), None)
+        primary_entry = axes[primary][1]
         return Judgement(
             score=score,
             normalized=None if score is None else rubric.normalize(score),
             axes={a: s for a, s in axis_scores.items() if a is not None},
-            method=methods.pop() if len(methods) == 1 else None,
+            method=method,
+            probs=primary_entry.get("probs") if primary_entry else None,
             attempts=max((t["attempts"] for t in fresh), default=0),
             completion_tokens=sum(t["tokens"] for t in fresh),
             raw=[r for t in fresh for r in t["raw"]] or [e["raw"] for e in entries],
-            error=next((t["error"] for t in fresh if t["error"]), None) if score is None else None,
+            error=error,
+            # The judge answered every time and never readably: asking again costs the same
+            # and reads the same, so this is final. A failed request is not.
+            reason="unreadable" if score is None and error is None else None,
         )
