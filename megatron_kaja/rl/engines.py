@@ -224,7 +224,7 @@ class HFEngine:
             raise RuntimeError(f"weight sync covered {seen} of {len(params)} HF tensors")
         self._loaded = True
 
-    def _generate(self, prompts, params: SamplingParams, streams: SamplingGenerator):
+    def _generate(self, prompts, params: SamplingParams, streams: SamplingGenerator) -> Generation:
         from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
         class GumbelMax(LogitsProcessor):

@@ -65,6 +65,11 @@ def test_grpo_at_dp2_equals_dp1(tmp_path, tiny_hf_dir):
         start = _weights(tmp_path / "mc")
         w1 = _weights(tmp_path / f"dp1_{name}" / f"iter_{STEPS:07d}")
         w2 = _weights(tmp_path / f"dp2_{name}" / f"iter_{STEPS:07d}")
-        for key, tensor in w1.items():
-            assert not torch.equal(tensor, start[key]), (name, key)  # the update moved it
-            torch.testing.assert_close(w2[key], tensor, atol=1e-5, rtol=0, msg=f"{name} {key}")
+        assert all(not torch.equal(w1[k], start[k]) for k in start), name  # every tensor moved
+        # The updates agree as a whole; element-wise, Adam's m / sqrt(v) turns the rounding of a
+        # near-zero gradient into up to ~lr, so single elements get a looser bound (measured:
+        # one element in 266,816 off by 2.3e-5, the update's relative difference 4e-5).
+        d1 = torch.cat([(w1[k] - start[k]).flatten() for k in start])
+        d2 = torch.cat([(w2[k] - start[k]).flatten() for k in start])
+        assert float((d2 - d1).norm() / d1.norm()) < 1e-3, name
+        assert float((d2 - d1).abs().max()) < 1e-4, name  # lr 1e-3 per step
