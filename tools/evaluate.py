@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_kaja.eval import KINDS, EvalConfig, compare_runs, run_evaluation
+from megatron_kaja.inference.health import ServerFailingError
 from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
 
 
@@ -55,6 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     judge.add_argument("--judge-mode", choices=("choice", "free_text"), default="choice")
     judge.add_argument("--judge-concurrency", type=int, default=32)
     judge.add_argument("--judge-max-attempts", type=int, default=3)
+    judge.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="most seconds one judge request may take, retries included (openai backend)",
+    )
     judge.add_argument(
         "--choice-param",
         choices=("structured_outputs", "guided_choice"),
@@ -96,6 +104,7 @@ def main(argv=None) -> int:
         judge_mode=args.judge_mode,
         judge_concurrency=args.judge_concurrency,
         judge_max_attempts=args.judge_max_attempts,
+        judge_request_timeout_s=args.request_timeout,
         choice_param=args.choice_param,
         rubrics=dict(args.rubric),
         chunk_size=args.chunk_size,
@@ -112,7 +121,11 @@ def main(argv=None) -> int:
             + [(f"--predictions {k}=", path) for k, path in cfg.predictions.items()]
         )
         return dry_run_result(missing, args.allow_missing_files)
-    report = run_evaluation(cfg)
+    try:
+        report = run_evaluation(cfg)
+    except ServerFailingError as exc:
+        print(f"error: the judge server is failing: {exc}", file=sys.stderr)
+        return 1
     for kind, metrics in report["datasets"].items():
         print(kind, {k: v["value"] for k, v in metrics.items() if isinstance(v, dict)})
     print(f"wrote {args.out}/report.json, report.md, report.png")

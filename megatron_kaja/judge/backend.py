@@ -26,8 +26,10 @@ def build_judge_backend(
     concurrency: int = 32,
     choice_param: str = "structured_outputs",
     batch_size: int = 8,
+    request_timeout_s: float = 300.0,
 ):
-    """`openai` (a `vllm serve` endpoint), `vllm` (offline engine) or `hf` (in-process)."""
+    """`openai` (a `vllm serve` endpoint), `vllm` (offline engine) or `hf` (in-process).
+    `request_timeout_s` bounds each `openai` request, retries included."""
     if kind == "openai":
         if not base_url:
             raise ValueError(
@@ -40,6 +42,7 @@ def build_judge_backend(
             api_key=api_key or "EMPTY",  # `vllm serve` without --api-key accepts any key
             max_concurrency=concurrency,
             choice_param=choice_param,
+            request_timeout_s=request_timeout_s,
         )
     if kind == "vllm":
         return build_backend("vllm", model=model, quantization=quantization_of(model))

@@ -6,7 +6,8 @@ Two ways to read a score (`JudgeConfig.mode`):
   the first position's `top_logprobs` from vLLM). One generated token, a continuous value.
 - `free_text`: the judge writes freely (llm-jp-judge style) and `parse_score` reads it.
 An output that cannot be read is asked again (sampling, so that the retry can differ), and
-after `max_attempts` reported as `None`, never counted as any score.
+after `max_attempts` reported as `None`, never counted as any score. A request that failed
+(the backend's own retries spent) is reported as `None` with its error at once.
 """
 
 from __future__ import annotations
@@ -167,6 +168,11 @@ class LLMJudge:
                 read = read_score(result, pending[key][1], self.config.mode)
                 if read is not None:
                     self.cache.put(key, {**read, "raw": result.text, "attempts": attempt})
+                    del pending[key]
+                elif not result.ok:
+                    # The backend already retried it within its deadline; asking again
+                    # would multiply that deadline by our attempts (re-asking is for
+                    # outputs that could not be read).
                     del pending[key]
 
         by_sample: dict[int, dict[str | None, tuple[str, dict | None]]] = {}

@@ -27,6 +27,7 @@ class GRPORunConfig(LaunchSettings):
     judge_model: str | None = None
     judge_api_key_env: str | None = None
     judge_concurrency: int = Field(default=64, gt=0)
+    judge_request_timeout: float = Field(default=300.0, gt=0)  # s per request, retries included
     # algorithm (GRPOConfig)
     num_generations: int = 8
     max_new_tokens: int = 512
