@@ -238,6 +238,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         tensorboard_dir=cfg.tensorboard_dir,
         wandb_project=cfg.wandb_project,
         run_config=run_config,
+        resume_from_step=start,
     )
     if is_writer:
         logger.info(

@@ -268,6 +268,7 @@ def train(cfg: SFTConfig) -> dict:
         wandb_project=cfg.wandb_project,
         wandb_name=cfg.wandb_exp_name,
         run_config=cfg.model_dump(mode="json"),
+        resume_from_step=start,
     )
     stats = train_set.stats
     if is_writer:
