@@ -67,6 +67,7 @@ class SFTConfig(LaunchSettings):
     chat_template: Path | None = None
     seq_length: int = Field(default=4096, gt=1)
     overlong: Literal["truncate", "drop"] = "truncate"
+    # tokenized sources; default: $XDG_CACHE_HOME (or ~/.cache)/megatron_kaja/sft_tokens
     data_cache_dir: Path | None = None
     tokenizer_workers: int = Field(default=1, ge=1)
     # batch and length of training
