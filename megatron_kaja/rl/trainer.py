@@ -231,6 +231,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         ref_model.requires_grad_(False).eval()
     run_config = {**cfg.model_dump(mode="json"), "ref_load": str(ref_source)}
 
+    checkpointing.remove_stale_temporaries(cfg.save)  # of saves that did not finish
     is_writer = dist.get_rank() == 0
     writer = MetricsWriter(
         cfg.metrics_file,

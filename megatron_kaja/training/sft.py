@@ -260,6 +260,7 @@ def train(cfg: SFTConfig) -> dict:
     else:
         load_mcore_weights(stack.model, weights, stack.transformer_impl)
 
+    checkpointing.remove_stale_temporaries(cfg.save)  # of saves that did not finish
     is_writer = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank
     writer = MetricsWriter(
         cfg.metrics_file,
