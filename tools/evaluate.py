@@ -13,13 +13,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_kaja.eval import KINDS, EvalConfig, compare_runs, run_evaluation
+from megatron_kaja.eval import KINDS, EvalConfig, compare_runs, load_records, run_evaluation
 from megatron_kaja.inference.health import ServerFailingError
-from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
+from megatron_kaja.recipe import (
+    add_recipe_arguments,
+    check_data_files,
+    dry_run_result,
+    expand_config,
+    report_files,
+)
 
 
 def _kind_path(value: str) -> tuple[str, str]:
@@ -29,6 +36,10 @@ def _kind_path(value: str) -> tuple[str, str]:
     if kind not in KINDS:
         raise argparse.ArgumentTypeError(f"unknown dataset kind {kind!r}; choose one of {KINDS}")
     return kind, path
+
+
+def _count(path: str, kind: str, with_predictions: bool) -> int:
+    return len(load_records(path, kind, with_predictions=with_predictions))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,6 +131,14 @@ def main(argv=None) -> int:
             + [(f"--dataset {k}=", path) for k, path in cfg.datasets.items()]
             + [(f"--predictions {k}=", path) for k, path in cfg.predictions.items()]
         )
+        error = check_data_files(
+            [(f"--dataset {k}=", p, partial(_count, p, k, False)) for k, p in cfg.datasets.items()]
+            + [(f"--predictions {k}=", p, partial(_count, p, k, True))
+               for k, p in cfg.predictions.items()]
+        )  # fmt: skip
+        if error:
+            print(f"result: {error}")
+            return 2
         return dry_run_result(missing, args.allow_missing_files)
     try:
         report = run_evaluation(cfg)

@@ -18,14 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_kaja.eval.records import load_records
 from megatron_kaja.inference import backend_names
 from megatron_kaja.inference.health import ServerFailingError
-from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
+from megatron_kaja.recipe import (
+    add_recipe_arguments,
+    check_data_files,
+    dry_run_result,
+    expand_config,
+    report_files,
+)
 from megatron_kaja.synth import QualityConfig, SeedFile, SynthConfig, run_synthesis
+from megatron_kaja.synth.samples import load_seed_questions
 from megatron_kaja.synth.templates import KINDS
 
 
@@ -143,6 +152,15 @@ def main(argv=None) -> int:
             + [("--template", path) for path in cfg.templates.values()]
             + [("--decontaminate", path) for path in cfg.decontaminate]
         )
+        error = check_data_files(
+            [("--seeds", s.path, partial(lambda s: len(load_seed_questions([s])), s))
+             for s in cfg.seeds]
+            + [("--decontaminate", p, partial(lambda p: len(load_records(p, "helpful", False)), p))
+               for p in cfg.decontaminate]
+        )  # fmt: skip
+        if error:
+            print(f"result: {error}")
+            return 2
         return dry_run_result(missing, args.allow_missing_files)
     try:
         summary = run_synthesis(cfg)

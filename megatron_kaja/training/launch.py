@@ -147,6 +147,18 @@ class DryRunReport:
             if not found:
                 self.missing.append(f"{flag} {path}")
 
+    def check_data(self, flag: str, path: str | Path, read) -> None:
+        """Read a data file on this machine through the run's own reader and validators
+        (`read()` returns its record count): a malformed record fails the dry run with the
+        error the run would stop on, naming file, line and field."""
+        if not Path(path).exists():
+            return  # reported by check_files
+        try:
+            count = read()
+        except ValueError as exc:  # DataFormatError and the readers' own errors
+            raise ConfigError(str(exc)) from None
+        self.add(f"  {flag} {path}: {count} records, all valid")
+
     def check_tokenizer(self, path: Path, arch: LlamaArch) -> None:
         """Load a local tokenizer and check it fits the model's vocabulary."""
         if not Path(path).exists():
@@ -203,7 +215,7 @@ def _describe_optimizer(cfg) -> str:
 
 def plan_sft(cfg) -> int:
     """`pretrain_sft.py --dry-run`: check the run as configured, print layout and memory."""
-    from megatron_kaja.data import parse_weighted_paths
+    from megatron_kaja.data import load_conversations, parse_weighted_paths
     from megatron_kaja.training.memory import TrainingLayout, estimate_memory
 
     report = DryRunReport("pretrain_sft.py", cfg)
@@ -231,6 +243,11 @@ def plan_sft(cfg) -> int:
         + [("--chat-template", cfg.chat_template)]
     )
     report.check_tokenizer(cfg.tokenizer, arch)
+    report.add("data:")
+    for source in parse_weighted_paths(cfg.train_data + (cfg.valid_data or [])):
+        report.check_data(
+            "--train-data/--valid-data", source.path, lambda s=source: len(load_conversations(s))
+        )
     layout = TrainingLayout(
         tensor_parallel=tp,
         pipeline_parallel=pp,
@@ -297,6 +314,19 @@ def plan_grpo(cfg) -> int:
         ]
     )
     report.check_tokenizer(cfg.tokenizer, arch)
+    if Path(cfg.tokenizer).exists():
+        from transformers import AutoTokenizer
+
+        from megatron_kaja.rl.trainer import load_prompts
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        report.add("data:")
+        for spec in cfg.prompts:
+            report.check_data(
+                "--prompts",
+                spec.rpartition(":")[0],
+                lambda s=spec: len(load_prompts([s], tokenizer)),
+            )
     layout = TrainingLayout(
         tensor_parallel=tp,
         pipeline_parallel=pp,
