@@ -333,11 +333,21 @@ class OpenAIBackend:
             asyncio.get_running_loop()
         except RuntimeError:
             return asyncio.run(self.agenerate(requests))
-        # Inside a running loop (a notebook, an async trainer): run on a private thread.
+        # Inside a running loop (a notebook, an async trainer): run on a private thread, and
+        # raise its error (the stop rule's) here.
         out: list = []
-        thread = threading.Thread(target=lambda: out.append(asyncio.run(self.agenerate(requests))))
+
+        def run() -> None:
+            try:
+                out.append(asyncio.run(self.agenerate(requests)))
+            except BaseException as exc:
+                out.append(exc)
+
+        thread = threading.Thread(target=run)
         thread.start()
         thread.join()
+        if isinstance(out[0], BaseException):
+            raise out[0]
         return out[0]
 
     def check(self) -> None:

@@ -119,3 +119,15 @@ def test_stop_rule_counts_a_window_of_recent_outcomes():
     assert (rule.requests, rule.failed) == (7, 4)
     with pytest.raises(ValueError):
         FailureStopRule("u", window=2, min_requests=3)
+
+
+def test_stop_rule_error_reaches_a_caller_inside_an_event_loop():
+    import asyncio
+
+    async def caller(client):  # e.g. a notebook: `generate` runs on a private thread
+        return client.generate([request()] * 8)
+
+    with ScriptedOpenAIServer(responder=lambda b: ScriptedReply(status=503)) as server:
+        client = backend(server, max_attempts=1, max_concurrency=1)
+        with pytest.raises(ServerFailingError):
+            asyncio.run(caller(client))
