@@ -19,7 +19,7 @@ class RunControl:
     learns whether any rank got it, the run saves and the loop stops. `--exit-interval`
     does the same at multiples of N, and the last step always saves. A SIGTERM sent to
     `torchrun` itself reaches the workers' whole process groups; the checkpoint writer's
-    helper process is shielded from it (`checkpointing`), and torchrun waits its
+    results-queue process is shielded from it (`checkpointing`), and torchrun waits its
     `--shutdown-timeout` (30 s by default) before SIGKILL: a save that takes longer is cut,
     the previous checkpoint staying intact. Rank 0 logs which checkpoint was saved.
     """

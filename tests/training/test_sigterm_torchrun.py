@@ -1,5 +1,5 @@
 """SIGTERM sent to `torchrun` itself (what some schedulers do): torchrun passes it to each
-worker's whole process group, checkpoint-writer helpers included; the run still saves."""
+worker's whole process group, checkpoint-writer processes included; the run still saves."""
 
 import json
 import os
@@ -36,7 +36,7 @@ def test_sigterm_to_torchrun_still_saves_the_step_it_stopped_at(tiny_hf_dir, tmp
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 300
-    # After a first save: megatron-core's writer helper process is running by then.
+    # After a first save: megatron-core's writer queue process is running by then.
     while time.time() < deadline and latest_iteration(save) is None and proc.poll() is None:
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[0][-3000:]
