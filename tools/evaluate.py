@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,10 +26,18 @@ from megatron_kaja.eval import (
     EvalConfig,
     compare_runs,
     evaluate_checkpoints,
+    load_records,
     protocol_names,
     run_evaluation,
 )
-from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
+from megatron_kaja.inference.health import ServerFailingError
+from megatron_kaja.recipe import (
+    add_recipe_arguments,
+    check_data_files,
+    dry_run_result,
+    expand_config,
+    report_files,
+)
 
 
 def _kind_path(value: str) -> tuple[str, str]:
@@ -38,6 +47,10 @@ def _kind_path(value: str) -> tuple[str, str]:
     if kind not in KINDS:
         raise argparse.ArgumentTypeError(f"unknown dataset kind {kind!r}; choose one of {KINDS}")
     return kind, path
+
+
+def _count(path: str, kind: str, with_predictions: bool) -> int:
+    return len(load_records(path, kind, with_predictions=with_predictions))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +99,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     judge.add_argument("--judge-concurrency", type=int, default=32)
     judge.add_argument(
         "--judge-max-attempts", type=int, help="default: 3 (llm-jp-judge: its max_retries + 1 = 4)"
+    )
+    judge.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="most seconds one judge request may take, retries included (openai backend)",
     )
     judge.add_argument(
         "--choice-param",
@@ -148,6 +168,7 @@ def _main(argv=None) -> int:
         protocol=args.protocol,
         llm_jp_judge=args.llm_jp_judge,
         name=args.name,
+        judge_request_timeout_s=args.request_timeout,
         choice_param=args.choice_param,
         rubrics=dict(args.rubric),
         chunk_size=args.chunk_size,
@@ -163,14 +184,27 @@ def _main(argv=None) -> int:
             + [(f"--dataset {k}=", path) for k, path in cfg.datasets.items()]
             + [(f"--predictions {k}=", path) for k, path in cfg.predictions.items()]
         )
+        error = check_data_files(
+            [(f"--dataset {k}=", p, partial(_count, p, k, False)) for k, p in cfg.datasets.items()]
+            + [(f"--predictions {k}=", p, partial(_count, p, k, True))
+               for k, p in cfg.predictions.items()]
+        )  # fmt: skip
+        if error:
+            print(f"result: {error}")
+            return 2
         return dry_run_result(missing, args.allow_missing_files)
-    if args.checkpoints:
-        reports = evaluate_checkpoints(cfg, args.checkpoints, args.hf_template)
-        print(
-            f"evaluated steps {sorted(reports)}; wrote {args.out}/curve.md, curve.png, tradeoff.png"
-        )
-        return 0
-    report = run_evaluation(cfg)
+    try:
+        if args.checkpoints:
+            reports = evaluate_checkpoints(cfg, args.checkpoints, args.hf_template)
+            print(
+                f"evaluated steps {sorted(reports)}; wrote {args.out}/curve.md, curve.png, "
+                "tradeoff.png"
+            )
+            return 0
+        report = run_evaluation(cfg)
+    except ServerFailingError as exc:
+        print(f"error: the judge server is failing: {exc}", file=sys.stderr)
+        return 1
     for kind, metrics in report["datasets"].items():
         print(
             kind,

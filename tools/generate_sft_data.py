@@ -18,13 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_kaja.eval.records import load_records
 from megatron_kaja.inference import backend_names
-from megatron_kaja.recipe import add_recipe_arguments, dry_run_result, expand_config, report_files
+from megatron_kaja.inference.health import ServerFailingError
+from megatron_kaja.recipe import (
+    add_recipe_arguments,
+    check_data_files,
+    dry_run_result,
+    expand_config,
+    report_files,
+)
 from megatron_kaja.synth import QualityConfig, SeedFile, SynthConfig, run_synthesis
+from megatron_kaja.synth.samples import load_seed_questions
 from megatron_kaja.synth.templates import KINDS
 
 
@@ -67,7 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     teacher.add_argument("--max-tokens", type=int, default=1024)
     teacher.add_argument("--seed", type=int, default=0)
     teacher.add_argument("--max-attempts", type=int, default=5, help="per request (openai)")
-    teacher.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    teacher.add_argument("--timeout", type=float, default=300.0, help="seconds per network read")
+    teacher.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="most seconds one request may take, retries included (openai)",
+    )
     teacher.add_argument(
         "--template", type=_kind_file, action="append", default=[], metavar="KIND=YAML"
     )
@@ -116,6 +133,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         max_attempts=args.max_attempts,
         timeout_s=args.timeout,
+        request_timeout_s=args.request_timeout,
         templates=dict(args.template),
         decontaminate=args.decontaminate,
         decontaminate_ngram=args.decontaminate_ngram,
@@ -134,15 +152,33 @@ def main(argv=None) -> int:
             + [("--template", path) for path in cfg.templates.values()]
             + [("--decontaminate", path) for path in cfg.decontaminate]
         )
+        error = check_data_files(
+            [("--seeds", s.path, partial(lambda s: len(load_seed_questions([s])), s))
+             for s in cfg.seeds]
+            + [("--decontaminate", p, partial(lambda p: len(load_records(p, "helpful", False)), p))
+               for p in cfg.decontaminate]
+        )  # fmt: skip
+        if error:
+            print(f"result: {error}")
+            return 2
         return dry_run_result(missing, args.allow_missing_files)
-    summary = run_synthesis(cfg)
+    try:
+        summary = run_synthesis(cfg)
+    except ServerFailingError as exc:
+        print(f"error: the teacher server is failing: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({k: summary[k] for k in ("accepted", "rejected_total", "requests")}))
-    if summary["this_run"]["failed"]:
+    this_run = summary["this_run"]
+    if this_run["failed"]:
         print(
-            f"{summary['this_run']['failed']} samples failed (last error: "
-            f"{summary['this_run']['last_error']}); rerun the same command to retry them",
+            f"{this_run['failed']} samples failed (last error: {this_run['last_error']}); "
+            "rerun the same command to retry them",
             file=sys.stderr,
         )
+    # Nothing came of this run and requests failed: a scheduler must see that as a failure.
+    if this_run["failed"] and not this_run["accepted"]:
+        print("error: no pair was accepted in this run and requests failed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,17 @@ from megatron_kaja.data.records import Message
 from megatron_kaja.data.sources import DataSource
 
 CACHE_FORMAT_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    """Where tokenized sources go without `--data-cache-dir`: the user's cache directory
+    (`$XDG_CACHE_HOME`, else `~/.cache`) under `megatron_kaja/sft_tokens`, never the current
+    directory (a run started inside a git checkout would litter it). Entries are keyed by
+    content, so runs share them."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "megatron_kaja" / "sft_tokens"
+
+
 _CHUNK = 512  # conversations per worker task: large enough to amortize pickling
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from megatron_kaja.data.cache import TokenizedSamples, tokenize_sources
+from megatron_kaja.data.cache import TokenizedSamples, default_cache_dir, tokenize_sources
 from megatron_kaja.data.chat import ChatRenderer, load_chat_template
 from megatron_kaja.data.mixing import mix_samples
 from megatron_kaja.data.packing import (
@@ -36,7 +36,7 @@ class SFTDataConfig(BaseModel):
     seq_length: int = Field(gt=1)
     overlong: OverlongPolicy = "truncate"
     chat_template: Path | None = None  # a jinja file overriding the tokenizer's template
-    cache_dir: Path = Path(".cache/megatron_kaja/sft_tokens")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
     num_workers: int = Field(default=1, ge=1)  # tokenization processes
     seed: int = 1234  # mixing seed
     num_samples: int | None = Field(default=None, gt=0)  # mixed-set size; default: all

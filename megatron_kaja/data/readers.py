@@ -13,6 +13,7 @@ from typing import Any
 
 from megatron_kaja.data.records import DataFormatError, Message, normalize_record
 from megatron_kaja.data.sources import DataSource
+from megatron_kaja.text_files import iter_text_lines
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FILE_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet")
@@ -48,22 +49,21 @@ def load_conversations(source: DataSource) -> list[list[Message]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(
-                    f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
-                ) from exc
-            yield f"{path}:{lineno}", record
+    for lineno, line in iter_text_lines(path, DataFormatError):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(
+                f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+            ) from exc
+        yield f"{path}:{lineno}", record
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads("".join(line for _, line in iter_text_lines(path, DataFormatError)))
     except json.JSONDecodeError as exc:
         raise DataFormatError(
             f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_kaja.text_files import iter_text_lines
+
 KINDS = ("safety", "borderline", "helpful")
 
 
@@ -47,7 +49,7 @@ def load_records(path: str | Path, kind: str, with_predictions: bool) -> list[Ev
         raise FileNotFoundError(f"{kind} dataset {path} not found")
     records: list[EvalRecord] = []
     seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in iter_text_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -52,6 +52,7 @@ class EvalConfig:
     protocol: str = "megatron-kaja"
     llm_jp_judge: str | None = None  # llm-jp-judge checkout or package folder
     name: str | None = None  # the model's name in reports and charts
+    judge_request_timeout_s: float = 300.0  # one judge request, retries included
     choice_param: Literal["structured_outputs", "guided_choice"] = "structured_outputs"
     rubrics: dict[str, str] = field(default_factory=dict)  # kind -> rubric name or YAML
     chunk_size: int = 32
@@ -66,6 +67,8 @@ class EvalConfig:
             raise ValueError(f"kind(s) {sorted(both)} given both as --dataset and --predictions")
         if self.datasets and not self.model:
             raise ValueError("--dataset needs --model (the model whose answers are evaluated)")
+        if self.judge_request_timeout_s <= 0:
+            raise ValueError("--request-timeout must be > 0 seconds")
         if not self.judge_model:
             raise ValueError("--judge-model is required (a served model name or a checkpoint)")
         if self.judge_backend == "openai" and not self.judge_base_url:
@@ -95,6 +98,7 @@ def _judge_backend(cfg: EvalConfig):
         concurrency=cfg.judge_concurrency,
         choice_param=cfg.choice_param,
         batch_size=cfg.gen_batch_size,
+        request_timeout_s=cfg.judge_request_timeout_s,
     )
 
 

@@ -3,7 +3,8 @@ to `vllm serve` (the judge, the synthetic-data generator, GRPO rewards).
 
 Replies are programmed: a FIFO of `ScriptedReply` (consumed first), then a `responder`
 callable that sees the request body. Each reply can be a text, an HTTP error status, a
-delay, a dropped connection, and per-position `top_logprobs`. Every request body is kept
+delay, a dropped connection, per-position `top_logprobs`, a raw body (an HTML page,
+broken JSON) and a body dripped byte by byte. Every request body is kept
 in `server.requests`, responder exceptions in `server.errors`
 (answered as 500). Binds 127.0.0.1 only, on a free port; bodies over 1 MiB are refused.
 
@@ -13,6 +14,7 @@ in `server.requests`, responder exceptions in `server.errors`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -36,7 +38,9 @@ class _LoopbackHTTPServer(ThreadingHTTPServer):
 @dataclass
 class ScriptedReply:
     """One programmed answer. `status != 200` sends an OpenAI-style error body;
-    `drop=True` closes the connection without any response."""
+    `drop=True` closes the connection without any response. `raw_body` replaces the
+    completion JSON with these exact characters (sent as `content_type`); `drip_s > 0`
+    sends the body one byte at a time, `drip_s` apart (a stalled proxy)."""
 
     text: str = ""
     status: int = 200
@@ -47,6 +51,9 @@ class ScriptedReply:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     headers: dict[str, str] | None = None
+    raw_body: str | None = None
+    content_type: str = "application/json"
+    drip_s: float = 0.0
 
 
 def _logprobs_block(reply: ScriptedReply, k: int) -> dict:
@@ -148,13 +155,24 @@ class ScriptedOpenAIServer:
 
             def _send_json(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload, ensure_ascii=False).encode()
+                self._send(status, data, "application/json", headers)
+
+            def _send(
+                self, status: int, data: bytes, content_type: str, headers=None, drip_s=0.0
+            ) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(data)
+                if not drip_s:
+                    self.wfile.write(data)
+                    return
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(drip_s)
 
             def do_GET(self) -> None:
                 if self.path.rstrip("/").endswith("/models"):
@@ -183,7 +201,13 @@ class ScriptedOpenAIServer:
                     error = {"message": reply.text or "scripted error", "type": "server_error"}
                     self._send_json(reply.status, {"error": error}, reply.headers)
                     return
-                self._send_json(200, completion_body(body, reply), reply.headers)
+                if reply.raw_body is not None:
+                    data = reply.raw_body.encode()
+                else:
+                    data = json.dumps(completion_body(body, reply), ensure_ascii=False).encode()
+                # The client may give up on a slow reply (its deadline): expected, not an error.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self._send(200, data, reply.content_type, reply.headers, reply.drip_s)
 
         return Handler
 

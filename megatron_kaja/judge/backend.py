@@ -16,13 +16,19 @@ def build_judge_backend(
     concurrency: int = 32,
     choice_param: str = "structured_outputs",
     batch_size: int = 8,
+    request_timeout_s: float = 300.0,
 ):
-    """`openai` (a `vllm serve` endpoint), `vllm` (offline engine) or `hf` (in-process)."""
+    """`openai` (a `vllm serve` endpoint), `vllm` (offline engine) or `hf` (in-process).
+    `request_timeout_s` bounds each `openai` request, retries included."""
     if kind == "openai" and not base_url:
         raise ValueError("--judge-backend openai needs --judge-base-url (e.g. http://host:8000/v1)")
     if kind not in ("openai", "vllm", "hf"):
         raise ValueError(f"judge backend {kind!r}: use openai, vllm or hf")
-    options = {"choice_param": choice_param} if kind == "openai" else {}
+    options = (
+        {"choice_param": choice_param, "request_timeout_s": request_timeout_s}
+        if kind == "openai"
+        else {}
+    )
     return build_model_backend(
         kind,
         model,

@@ -11,7 +11,8 @@ Two ways to read a score (`JudgeConfig.mode`):
   forged in the answer and quoted by the judge is not the judge's score.
 An output that cannot be read is asked again (sampling, so that the retry can differ), and
 after `max_attempts` reported as `None` with the final reason `unreadable`, never counted as
-any score. A request that failed (server error) has no final reason: a rerun asks again.
+any score. A request that failed (the backend's own retries spent) is reported as `None` with
+its error at once and has no final reason: a rerun asks again.
 """
 
 from __future__ import annotations
@@ -193,6 +194,11 @@ class LLMJudge:
                 read = read_score(result, pending[key][1], self.config.mode, pending[key][2])
                 if read is not None:
                     self.cache.put(key, {**read, "raw": result.text, "attempts": attempt})
+                    del pending[key]
+                elif not result.ok:
+                    # The backend already retried it within its deadline; asking again
+                    # would multiply that deadline by our attempts (re-asking is for
+                    # outputs that could not be read).
                     del pending[key]
 
         without_logprobs = sum(

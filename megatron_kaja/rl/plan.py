@@ -3,6 +3,8 @@ without a GPU, torch.distributed or the judge."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from megatron_kaja.training.launch import describe_optimizer, plan_layout, start_plan
 from megatron_kaja.training.memory import GIB, estimate_grpo_memory
 
@@ -38,6 +40,19 @@ def plan_grpo(cfg) -> int:
         ]
     )
     report.check_tokenizer(cfg.tokenizer, arch)
+    if Path(cfg.tokenizer).exists():
+        from transformers import AutoTokenizer
+
+        from megatron_kaja.rl.trainer import load_prompts
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        report.add("data:")
+        for spec in cfg.prompts:
+            report.check_data(
+                "--prompts",
+                spec.rpartition(":")[0],
+                lambda s=spec: len(load_prompts([s], tokenizer)),
+            )
     layout = plan_layout(cfg, dp, seq, accumulation)
     report.add(
         f"rollouts: {cfg.rollout_engine} engine, "

@@ -52,6 +52,9 @@ class GRPORunConfig(RunSettings):
         default=None, description="environment variable holding the judge's API key"
     )
     judge_concurrency: int = Field(default=64, gt=0, description="judge requests in flight")
+    judge_request_timeout: float = Field(
+        default=300.0, gt=0, description="seconds one judge request may take, retries included"
+    )
     # GRPO: the algorithm (GRPOConfig)
     num_generations: int = Field(default=_D.num_generations, description="completions per prompt")
     max_new_tokens: int = Field(default=_D.max_new_tokens, description="completion length bound")

@@ -96,6 +96,7 @@ def build_reward_fn(cfg: GRPORunConfig):
                 base_url=cfg.judge_base_url,
                 api_key=os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None,
                 concurrency=cfg.judge_concurrency,
+                request_timeout_s=cfg.judge_request_timeout,
             )
             backend.check()
             rubrics = {n: load_rubric(n) for n in ("grpo_safety", "grpo_helpful")}

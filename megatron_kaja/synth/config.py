@@ -52,7 +52,8 @@ class SynthConfig:
     max_tokens: int = 1024
     seed: int = 0
     max_attempts: int = 5
-    timeout_s: float = 300.0
+    timeout_s: float = 300.0  # per network read
+    request_timeout_s: float = 600.0  # per request, all attempts included
     templates: dict[str, str] = field(default_factory=dict)  # kind -> YAML file
     decontaminate: list[str] = field(default_factory=list)  # evaluation JSONL files
     decontaminate_ngram: int = 8
@@ -79,6 +80,8 @@ class SynthConfig:
             raise ValueError("--base-url is required with --backend openai")
         if self.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
+        if self.timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError("--timeout and --request-timeout must be > 0 seconds")
         if self.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:

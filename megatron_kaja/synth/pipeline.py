@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from megatron_kaja.eval.records import load_records
 from megatron_kaja.inference import GenerationRequest, GenerationResult
+from megatron_kaja.inference.health import ServerFailingError
 from megatron_kaja.inference.models import build_model_backend
 from megatron_kaja.synth.config import SynthConfig
 from megatron_kaja.synth.dedup import EvalOverlapIndex, QuestionDeduplicator
@@ -269,10 +270,14 @@ def run_synthesis(cfg: SynthConfig) -> dict:
     backend.check()
     run.open()
     try:
-        if hasattr(backend, "session"):  # results as they arrive
-            drive_async(run, backend, cfg.concurrency)
-        else:  # offline engines: lockstep batches
-            drive_batched(run, backend, cfg.concurrency)
+        try:
+            if hasattr(backend, "session"):  # results as they arrive
+                drive_async(run, backend, cfg.concurrency)
+            else:  # offline engines: lockstep batches
+                drive_batched(run, backend, cfg.concurrency)
+        except ServerFailingError:
+            run.store.write_summary(run.summary())  # what was done before the server failed
+            raise
         summary = run.summary()
         run.store.write_summary(summary)
         return summary
@@ -282,7 +287,11 @@ def run_synthesis(cfg: SynthConfig) -> dict:
 
 
 def _build_teacher(cfg: SynthConfig):
-    options = {"timeout_s": cfg.timeout_s, "max_attempts": cfg.max_attempts}
+    options = {
+        "timeout_s": cfg.timeout_s,
+        "max_attempts": cfg.max_attempts,
+        "request_timeout_s": cfg.request_timeout_s,
+    }
     return build_model_backend(
         cfg.backend,
         cfg.model,

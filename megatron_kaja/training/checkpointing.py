@@ -9,8 +9,11 @@ Layout (Megatron-LM's, so its tools recognise it)::
 
 A save writes `SAVE/.iter_0000100.tmp`, renames it into place and only then rewrites the
 tracker file (itself via an atomic rename), so a kill at any moment leaves the previous
-checkpoint loadable. Model tensors use the same keys as converted checkpoints: a training
-checkpoint converts to HF with `tools/convert_checkpoint.py mcore-to-hf` directly.
+checkpoint loadable. A save that fails (a full disk) raises `CheckpointSaveError` naming
+the cause, the path and the checkpoint that is still intact; the temporary folders it
+leaves are removed at the next start (`remove_stale_temporaries`). Model tensors use the
+same keys as converted checkpoints: a training checkpoint converts to HF with
+`tools/convert_checkpoint.py mcore-to-hf` directly.
 
 bitsandbytes' 8-bit optimizer state (`--optimizer adamw_8bit / paged_adamw_8bit`) is
 quantized in blocks of 256 values of each rank's own shard: it cannot be resharded exactly,
@@ -21,9 +24,13 @@ dist checkpoint and reshard as usual.
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
 import os
 import random
 import shutil
+import signal
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +44,88 @@ from megatron_kaja.training.errors import ConfigError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
+logger = logging.getLogger("megatron_kaja.train")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed; the message names the cause, the folder and what is still intact."""
+
+
+def remove_stale_temporaries(root: Path | None) -> list[Path]:
+    """Remove the `.iter_N.tmp` folders of saves that never finished (a kill, a full disk)
+    under `root`, on rank 0; they are never loaded, and one can hold a checkpoint's size."""
+    if root is None or (dist.is_initialized() and dist.get_rank() != 0):
+        return []
+    stale = sorted(Path(root).glob(".iter_*.tmp")) if Path(root).is_dir() else []
+    for path in stale:
+        logger.info("removing %s, left by a save that did not finish", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether a save failed for want of space, however megatron-core wrapped the OSError
+    (a worker process's error comes back as an exception object or only as its text)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        stack += [e.__cause__, e.__context__]
+        stack += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        failures = getattr(e, "failures", None)  # torch DCP's CheckpointException
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+    return False
+
+
+def _save_failed(exc: BaseException, root: Path, iteration: int) -> CheckpointSaveError:
+    tmp = root / f".{iteration_dir(root, iteration).name}.tmp"
+    cause = "no space left on device" if _is_disk_full(exc) else f"{type(exc).__name__}: {exc}"
+    if _is_disk_full(exc):
+        free = shutil.disk_usage(root).free / 2**30
+        cause += f" ({free:.1f} GiB free on the filesystem of {root})"
+    previous = latest_iteration(root)
+    intact = (
+        f"the previous checkpoint {iteration_dir(root, previous)} is intact"
+        if previous is not None
+        else f"there is no earlier checkpoint in {root}"
+    )
+    return CheckpointSaveError(
+        f"saving iteration {iteration} to {tmp} failed: {cause}; {intact}. The unfinished "
+        f"{tmp.name} is removed at the next start"
+    )
+
+
+def _shield_writer_queue_from_sigterm() -> None:
+    """Start megatron-core's checkpoint-writer results queue in a process that ignores
+    SIGTERM, before megatron-core starts its own.
+
+    megatron-core 0.16.1 (`filesystem_async._get_write_results_queue`) keeps the writers'
+    results in a `multiprocessing.Manager` queue, a spawned process in the trainer's process
+    group. `torchrun` answers a SIGTERM by sending SIGTERM to each worker's whole group: the
+    manager dies at once, and the save that the trainer then makes (its own SIGTERM handler
+    only sets a flag) fails with BrokenPipeError. The forked writer processes inherit the
+    trainer's handler and survive; the manager is the one that needs shielding. It still
+    stops with the trainer (the manager's finalizer) or with torchrun's SIGKILL.
+    """
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=torch.multiprocessing.get_context("spawn"))
+    # A partial of builtins pickles by reference: the spawned manager imports nothing of ours.
+    manager.start(initializer=functools.partial(signal.signal, signal.SIGTERM, signal.SIG_IGN))
+    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._sigterm_shielded_manager = manager  # keeps it alive with the module
 
 
 def iteration_dir(root: Path, iteration: int) -> Path:
@@ -164,7 +253,20 @@ def check_optimizer_resumable(ckpt: Path, saved: dict | None, current: dict) -> 
         )
 
 
-def save_checkpoint(
+def save_checkpoint(root: Path, iteration: int, stack, **kwargs) -> Path:
+    """Save a resumable checkpoint of `iteration` under `root` (collective: all ranks call;
+    keywords as `_save_checkpoint`). Raises `CheckpointSaveError` naming the cause, the
+    folder and the checkpoint left intact when the save fails."""
+    root = Path(root)
+    try:
+        return _save_checkpoint(root, iteration, stack, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        raise _save_failed(exc, root, iteration) from exc
+
+
+def _save_checkpoint(
     root: Path,
     iteration: int,
     stack,
@@ -187,6 +289,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
+    _shield_writer_queue_from_sigterm()
     # The distributed optimizer's state: "dp_reshardable" saves fully in parallel and
     # reshards across DP only; "fully_reshardable" gathers per DP group and loads at any layout.
     sharding = "fully_reshardable" if optimizer_fully_reshardable else "dp_reshardable"

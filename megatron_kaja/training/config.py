@@ -46,7 +46,10 @@ class SFTConfig(RunSettings):
     overlong: Literal["truncate", "drop"] = Field(
         default="truncate", description="what to do with a sample longer than --seq-length"
     )
-    data_cache_dir: Path | None = Field(default=None, description="tokenization cache folder")
+    data_cache_dir: Path | None = Field(
+        default=None,
+        description="tokenization cache folder (default: $XDG_CACHE_HOME or ~/.cache, /megatron_kaja/sft_tokens)",
+    )
     tokenizer_workers: int = Field(default=1, ge=1, description="processes that tokenize")
     eval_interval: int | None = Field(
         default=None, gt=0, description="validation loss every N steps (needs --valid-data)"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("megatron_kaja.train")
 
 
 class RunControl:
@@ -14,7 +17,11 @@ class RunControl:
 
     SIGTERM (cluster preemption) only raises a flag; at the end of the step every rank
     learns whether any rank got it, the run saves and the loop stops. `--exit-interval`
-    does the same at multiples of N, and the last step always saves.
+    does the same at multiples of N, and the last step always saves. A SIGTERM sent to
+    `torchrun` itself reaches the workers' whole process groups; the checkpoint writer's
+    results-queue process is shielded from it (`checkpointing`), and torchrun waits its
+    `--shutdown-timeout` (30 s by default) before SIGKILL: a save that takes longer is cut,
+    the previous checkpoint staying intact. Rank 0 logs which checkpoint was saved.
     """
 
     def __init__(
@@ -49,9 +56,21 @@ class RunControl:
             self._save(iteration)
             saved = True
         last = iteration >= self.train_iters
-        early = self._sigterm_on_any_rank() or (
-            self.exit_interval is not None and iteration % self.exit_interval == 0
-        )
+        sigterm = self._sigterm_on_any_rank()
+        early = sigterm or (self.exit_interval is not None and iteration % self.exit_interval == 0)
         if (last or early) and self._save and not saved:
-            self._save(iteration)
+            if sigterm:
+                self._log(f"SIGTERM received: saving iteration {iteration} before stopping")
+            self._save(iteration)  # a failure raises, naming the checkpoint left intact
+            saved = True
+        if sigterm:
+            self._log(
+                f"SIGTERM received: stopped after iteration {iteration}, "
+                + ("saved" if saved else "not saved (no --save)")
+            )
         return last or early
+
+    @staticmethod
+    def _log(message: str) -> None:
+        if dist.get_rank() == 0:
+            logger.warning(message)

@@ -155,6 +155,18 @@ class DryRunReport:
             if not found:
                 self.missing.append(f"{flag} {path}")
 
+    def check_data(self, flag: str, path: str | Path, read) -> None:
+        """Read a data file on this machine through the run's own reader and validators
+        (`read()` returns its record count): a malformed record fails the dry run with the
+        error the run would stop on, naming file, line and field."""
+        if not Path(path).exists():
+            return  # reported by check_files
+        try:
+            count = read()
+        except ValueError as exc:  # DataFormatError and the readers' own errors
+            raise ConfigError(str(exc)) from None
+        self.add(f"  {flag} {path}: {count} records, all valid")
+
     def check_tokenizer(self, path: Path, arch: LlamaArch) -> None:
         """Load a local tokenizer and check it fits the model's vocabulary."""
         if not Path(path).exists():

@@ -275,6 +275,7 @@ def run_training(cfg: RunSettings, trainer: Trainer) -> dict:
         load_mcore_weights(run.stack.model, source.weights, run.stack.transformer_impl)
     trainer.start(run, resumed)
     run_config = trainer.run_config(run)
+    checkpointing.remove_stale_temporaries(cfg.save)  # of saves that did not finish
     run.writer = MetricsWriter(
         cfg.metrics_file,
         enabled=run.is_writer,
@@ -282,6 +283,7 @@ def run_training(cfg: RunSettings, trainer: Trainer) -> dict:
         wandb_project=cfg.wandb_project,
         wandb_name=cfg.wandb_exp_name,
         run_config=run_config,
+        resume_from_step=run.start,  # steps logged after the checkpoint appear once
     )
     description = trainer.describe(run)
     if run.is_writer and description:

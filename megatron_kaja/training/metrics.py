@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -46,8 +47,43 @@ def default_peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop the records of steps after `last_step` from a metrics JSONL file, and a torn
+    last line; atomically (a temporary file renamed over it). Returns the lines dropped.
+
+    A run resumed from the checkpoint of step N redoes steps N+1...: their first records
+    would otherwise stay in the file beside the new ones. Lines without a step are kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                dropped += 1  # a line torn by a kill, or not a record
+                continue
+            if isinstance(step, int) and step > last_step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsWriter:
-    """Writes one JSON line per logged step (and mirrors to TensorBoard / W&B) on one rank."""
+    """Writes one JSON line per logged step (and mirrors to TensorBoard / W&B) on one rank.
+
+    `resume_from_step`: the step the run starts after (the loaded checkpoint's, 0 for a new
+    run). Records of later steps already in the file (and TensorBoard events) are dropped
+    first, so that every step appears once in a resumed run's metrics."""
 
     def __init__(
         self,
@@ -58,6 +94,7 @@ class MetricsWriter:
         wandb_project: str | None = None,
         wandb_name: str | None = None,
         run_config: dict | None = None,
+        resume_from_step: int | None = None,
     ):
         self.enabled = enabled
         self._file = None
@@ -67,13 +104,22 @@ class MetricsWriter:
             return
         if metrics_file is not None:
             Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            if resume_from_step is not None:
+                dropped = truncate_metrics(Path(metrics_file), resume_from_step)
+                if dropped:
+                    logger.info(
+                        "%s: dropped %d records after step %d (redone by this run)",
+                        metrics_file, dropped, resume_from_step,
+                    )  # fmt: skip
             self._file = open(metrics_file, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise ImportError("--tensorboard-dir needs `pip install tensorboard`") from exc
-            self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+            # purge_step hides the events a resumed run writes again.
+            purge = resume_from_step + 1 if resume_from_step else None
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=purge)
         if wandb_project is not None:
             try:
                 import wandb

@@ -13,6 +13,7 @@ from megatron_kaja.data import (
     SFTDataConfig,
     build_sft_dataset,
     collate_packed_rows,
+    load_conversations,
     parse_weighted_paths,
 )
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
@@ -245,6 +246,13 @@ class SFTTrainer(Trainer):
             + [("--chat-template", cfg.chat_template)]
         )
         report.check_tokenizer(cfg.tokenizer, arch)
+        report.add("data:")
+        for source in parse_weighted_paths(cfg.train_data + (cfg.valid_data or [])):
+            report.check_data(
+                "--train-data/--valid-data",
+                source.path,
+                lambda s=source: len(load_conversations(s)),
+            )
         layout = plan_layout(cfg, dp, cfg.seq_length, accumulation)
         return report.finish(estimate_memory(arch, layout))
 

@@ -58,7 +58,7 @@ def test_local_checkpoint_and_tokenizer_are_read(tmp_path, tiny_hf_dir, capsys, 
     mc = tmp_path / "mc"
     hf_to_mcore(tiny_hf_dir, mc, progress=False)
     data = tmp_path / "sft.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
+    data.write_text('{"text": "質問", "output": "答え"}\n')
     argv = ["--tokenizer", str(tiny_hf_dir), "--train-data", str(data), "--load", str(mc),
             "--dry-run", "--world-size", "1"]  # fmt: skip
     assert sft_main(argv) == 0
