@@ -48,7 +48,8 @@ class SFTConfig(RunSettings):
     )
     data_cache_dir: Path | None = Field(
         default=None,
-        description="tokenization cache folder (default: $XDG_CACHE_HOME or ~/.cache, /megatron_kaja/sft_tokens)",
+        description="tokenization cache (default: $XDG_CACHE_HOME or ~/.cache, then "
+        "megatron_kaja/sft_tokens)",
     )
     tokenizer_workers: int = Field(default=1, ge=1, description="processes that tokenize")
     eval_interval: int | None = Field(
