@@ -32,7 +32,7 @@ from megatron_kaja.checkpoint.convert import dtype_name
 from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.export import hf_weight_groups
-from megatron_kaja.parallel.distributed import tensor_parallel_group
+from megatron_kaja.parallel.distributed import compute_device, tensor_parallel_group
 from megatron_kaja.rl.sampler import Generation, SamplingParams, generate, left_pad
 
 logger = logging.getLogger("megatron_kaja.grpo")
@@ -42,7 +42,8 @@ ROLLOUT_ENGINES = ("builtin", "hf", "vllm")
 
 def draw_seed(generator: torch.Generator | None) -> int:
     """A sampling seed taken from `generator` (identical on ranks with identical generators)."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    device = generator.device if generator is not None else None  # drawn where it lives
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
 
 def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -347,7 +348,7 @@ def build_rollout_engine(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             dtype=param.dtype,
-            device=param.device,
+            device=compute_device(),
             transformer_impl=transformer_impl,
         )
     if name == "vllm":
@@ -357,7 +358,7 @@ def build_rollout_engine(
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             dtype=param.dtype,
-            device=param.device,
+            device=compute_device(),
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,

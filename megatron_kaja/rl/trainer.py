@@ -20,7 +20,7 @@ from megatron_kaja.data.sources import DataSource
 from megatron_kaja.extras import MissingExtraError, require
 from megatron_kaja.models.llama.config import training_vocab_size
 from megatron_kaja.models.llama.model import build_gpt_model
-from megatron_kaja.parallel.distributed import initialize_model_parallel
+from megatron_kaja.parallel.distributed import compute_device, initialize_model_parallel
 from megatron_kaja.rl.engines import build_rollout_engine
 from megatron_kaja.rl.rollout import PromptRecord, prompt_record
 from megatron_kaja.rl.run_config import GRPORunConfig
@@ -225,8 +225,10 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         load_mcore_weights(stack.model, weights, stack.transformer_impl)
     ref_model = None
     if grpo.beta > 0:
-        ref_model = build_gpt_model(arch, bf16=cfg.bf16, vocab_size_override=padded)
-        load_mcore_weights(ref_model, ref_source)
+        ref_model = build_gpt_model(  # the policy's layer spec: the same kernels on a GPU
+            arch, transformer_impl=stack.transformer_impl, bf16=cfg.bf16, vocab_size_override=padded
+        )
+        load_mcore_weights(ref_model, ref_source, stack.transformer_impl)
         ref_model.requires_grad_(False).eval()
     run_config = {**cfg.model_dump(mode="json"), "ref_load": str(ref_source)}
 
@@ -261,7 +263,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         transformer_impl=stack.transformer_impl,
     )
     optimizer = _MegatronOptimizerStep(stack)
-    generator = torch.Generator()
+    generator = torch.Generator(device=compute_device())  # made where the sampler draws
     started = time.perf_counter()
     metrics: dict = {}
 

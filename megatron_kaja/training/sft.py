@@ -22,7 +22,11 @@ from megatron_kaja.data import (
 from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import LlamaArch, training_vocab_size
 from megatron_kaja.models.llama.forward import token_losses
-from megatron_kaja.parallel.distributed import ParallelLayout, initialize_model_parallel
+from megatron_kaja.parallel.distributed import (
+    ParallelLayout,
+    compute_device,
+    initialize_model_parallel,
+)
 from megatron_kaja.training import checkpointing
 from megatron_kaja.training.config import ConfigError, SFTConfig
 from megatron_kaja.training.control import RunControl
@@ -139,9 +143,10 @@ def _forward_step(vocab_size: int, transformer_impl: str, data_iterator, model):
 
 
 def _device_batch(batch: dict) -> dict:
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    device = compute_device()
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 def run_global_batch(
@@ -164,10 +169,10 @@ def run_global_batch(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=compute_device())  # NCCL: on the device
     if ps.is_pipeline_last_stage():
         for out in outputs:
-            totals += out["loss"].double().cpu()
+            totals += out["loss"].double()
     # Sum over data-parallel ranks, then hand the last stage's numbers to every stage.
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
     dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())

@@ -53,6 +53,8 @@ def build_gpt_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_kaja.parallel.distributed import compute_device
+
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     config = transformer_config(
@@ -62,7 +64,7 @@ def build_gpt_model(
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(transformer_impl),
         vocab_size=vocab_size_override
@@ -75,3 +77,5 @@ def build_gpt_model(
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
     )
+    # With CPU initialization (the CPU machine's default) the weights are made on the host.
+    return model.to(compute_device())
