@@ -132,15 +132,19 @@ def _mark(value, home) -> None:
 
 
 def _call_site() -> str:
-    """`file:line (function)` of the innermost frame outside torch and this module."""
-    frame = sys._getframe(1)
-    while frame is not None and (
-        frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
-    ):
+    """`file:line (function)` of the innermost frame outside torch and this module, and of
+    the innermost one outside installed packages (the caller's own code) when that differs."""
+    sites, frame = [], sys._getframe(1)
+    while frame is not None and len(sites) < 2:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_TORCH_DIR) or name == __file__) and (
+            not sites or "-packages" not in name
+        ):
+            sites.append(f"{name}:{frame.f_lineno} ({frame.f_code.co_name})")
+            if "-packages" not in name:
+                break
         frame = frame.f_back
-    if frame is None:
-        return "<unknown>"
-    return f"{frame.f_code.co_filename}:{frame.f_lineno} ({frame.f_code.co_name})"
+    return ", called from ".join(sites) or "<unknown>"
 
 
 def _fail(message: str):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.advantages import GroupedRewards
 from megatron_kaja.rl.engines import BuiltinEngine
 from megatron_kaja.rl.rollout import (
@@ -89,7 +90,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_policy):
     def reward(prompts, completions, **columns):
         return [1.0 if int(p[1:]) % 2 == 0 else float(next(counter) % 2) for p in prompts]
 
-    kwargs = dict(pad_token_id=4, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(pad_token_id=4, generator=torch.Generator(device=compute_device()).manual_seed(0))
     engine = BuiltinEngine(
         model, eos_token_id=arch.eos_token_id, pad_token_id=4, vocab_size=arch.vocab_size
     )
