@@ -147,3 +147,41 @@ def test_off_unless_asked(monkeypatch):
     assert not cpu_bridge.strict_devices_requested()
     monkeypatch.setenv(cpu_bridge.STRICT_DEVICES_ENV, "1")
     assert cpu_bridge.strict_devices_requested()
+
+
+NCCL_HOST_TENSOR = """
+import torch, torch.distributed as dist
+dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+torch.cuda.set_device(0)
+dist.all_reduce(torch.zeros(2, device="cuda"))
+try:
+    dist.all_reduce(torch.zeros(2))
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+def test_the_rules_are_what_cuda_and_nccl_enforce():
+    """On a GPU the same mistakes fail in torch itself (strict devices is not stricter), and
+    what it allows runs."""
+    import subprocess
+    import sys
+
+    device = torch.device("cuda")
+    with pytest.raises(RuntimeError):
+        torch.zeros(2, device=device) + torch.ones(2)
+    with pytest.raises(RuntimeError):
+        torch.rand(2, generator=torch.Generator(), device=device)
+    with pytest.raises(RuntimeError):
+        torch.randint(0, 9, (1,), generator=torch.Generator(device=device))
+    with pytest.raises(TypeError):
+        torch.zeros(2, device=device).numpy()
+    allowed = torch.zeros(4, device=device) + torch.tensor(1.0)
+    allowed[torch.tensor([0, 1])] = 2.0
+    allowed.copy_(torch.ones(4))
+    proc = subprocess.run(
+        [sys.executable, "-c", NCCL_HOST_TENSOR], capture_output=True, text=True, timeout=120
+    )
+    assert "refused:" in proc.stdout, proc.stdout + proc.stderr[-2000:]
