@@ -111,7 +111,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_policy):
     assert refilled.groups_sampled == 8 and refilled.zero_variance_frac == 0.5
     assert refilled.metrics["reward_mean"] == pytest.approx(0.75)  # over all groups sampled
     # Each kept row's generation belongs to its prompt.
-    prompt_tokens = refilled.generation.prompt_ids[:, -1].view(4, 4)
+    prompt_tokens = refilled.generation.prompt_ids[:, -1].view(4, 4).cpu()
     assert (prompt_tokens == torch.tensor([31, 33, 35, 37]).unsqueeze(1)).all()
     with pytest.raises(RuntimeError, match="kept no group"):
         collect_rollouts(
