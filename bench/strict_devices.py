@@ -36,10 +36,10 @@ ARCH = LlamaArch(
 
 def step_seconds(strict: bool, repeats: int) -> list[float]:
     """Forward + backward + SGD update times with the bridge in the given mode."""
+    from megatron.core import tensor_parallel
+
     from megatron_kaja.models.llama.model import build_gpt_model
     from megatron_kaja.parallel.distributed import compute_device
-
-    from megatron.core import tensor_parallel
 
     cpu_bridge.deactivate()
     cpu_bridge.activate(strict=strict)

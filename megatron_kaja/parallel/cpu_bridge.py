@@ -32,7 +32,7 @@ naming the call site, is raised where a GPU would fail:
 * a generator drawing for a tensor of the other home (a CPU generator for a device tensor);
 * an op mixing a device tensor with a host tensor of one or more dimensions (copies, moves
   and indexing excepted: a GPU accepts those, and host 0-dim tensors, too);
-* `.numpy()` of a device tensor, and assigning a host `.grad` to a device parameter.
+* `.numpy()` or `.pin_memory()` of a device tensor, and a host `.grad` for a device tensor.
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ class _StrictDeviceMode(_CudaToCpuMode):
                 if home_of(args[0]) == DEVICE and home_of(args[1]) == HOST:
                     _fail("a host tensor assigned as the `.grad` of a device tensor")
                 return func(*args)
-        if func is torch.Tensor.numpy and home_of(args[0]) == DEVICE:
-            _fail("`.numpy()` of a device tensor (move it with `.cpu()` first)")
+        if func in (torch.Tensor.numpy, torch.Tensor.pin_memory) and home_of(args[0]) == DEVICE:
+            _fail(f"`.{func.__name__}()` of a device tensor (only host tensors have it)")
         if func in (torch.Tensor.cuda, torch.Tensor.cpu):
             target = DEVICE if func is torch.Tensor.cuda else HOST
             out = _alias(args[0]) if home_of(args[0]) != target else args[0]

@@ -136,6 +136,8 @@ def test_numpy_of_device_tensor_and_host_grad_raise(strict):
     device = torch.zeros(2, device=compute_device())
     with pytest.raises(StrictDeviceError, match="numpy"):
         device.numpy()
+    with pytest.raises(StrictDeviceError, match="pin_memory"):
+        device.pin_memory()
     assert device.cpu().numpy().shape == (2,)
     param = torch.nn.Parameter(torch.zeros(2, device=compute_device()))
     with pytest.raises(StrictDeviceError, match="grad"):
