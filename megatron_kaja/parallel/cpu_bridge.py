@@ -372,6 +372,7 @@ def _parameter_new(new):
 def _strict_patches() -> list[tuple[object, str, object]]:
     """(owner, attribute, replacement) for every patch strict devices installs."""
     import torch.distributed as dist
+    from torch.distributed import distributed_c10d
 
     gloo_groups: set = set()
     patches = [
@@ -379,6 +380,8 @@ def _strict_patches() -> list[tuple[object, str, object]]:
         for name in _COLLECTIVES
         if hasattr(dist, name)
     ]
+    # `P2POp` accepts only the functions c10d itself names isend / irecv: name ours there too.
+    patches += [(distributed_c10d, p[1], p[2]) for p in patches if p[1] in ("isend", "irecv")]
     patches += [
         (dist, "batch_isend_irecv", _checked_p2p_batch(dist.batch_isend_irecv, gloo_groups)),
         (dist, "new_group", _recording_new_group(dist.new_group, gloo_groups)),
