@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# The suite runs the CPU bridge in strict devices mode (raise where a GPU run would fail).
+# Set before any test imports the bridge; torchrun workers inherit it through the
+# environment. `MEGATRON_KAJA_STRICT_DEVICES=0 python -m pytest` runs without it.
+os.environ.setdefault("MEGATRON_KAJA_STRICT_DEVICES", "1")
+
 import pytest
 import torch
 

@@ -26,7 +26,11 @@ def compare_case(case: dict, num_tokens: int = 24) -> dict | None:
     from megatron_kaja.models.llama.config import LlamaArch
     from megatron_kaja.models.llama.forward import forward_logits
     from megatron_kaja.models.llama.model import build_gpt_model
-    from megatron_kaja.parallel.distributed import current_layout, initialize_model_parallel
+    from megatron_kaja.parallel.distributed import (
+        compute_device,
+        current_layout,
+        initialize_model_parallel,
+    )
 
     parallel_state.destroy_model_parallel()
     initialize_model_parallel(case["tp"], case["pp"], seed=7)
@@ -36,7 +40,7 @@ def compare_case(case: dict, num_tokens: int = 24) -> dict | None:
     tokens = torch.randint(
         8, arch.vocab_size, (2, num_tokens), generator=torch.Generator().manual_seed(0)
     )
-    logits = forward_logits(model, tokens, vocab_size=arch.vocab_size)
+    logits = forward_logits(model, tokens.to(compute_device()), vocab_size=arch.vocab_size)
     layout = current_layout()
     if logits is None or layout.tp_rank != 0 or layout.dp_rank != 0:
         return None
@@ -44,7 +48,8 @@ def compare_case(case: dict, num_tokens: int = 24) -> dict | None:
     expected = reference(tokens).logits
     return {
         **case,
-        "max_abs_diff": (logits.float() - expected).abs().max().item(),
+        # The reference runs on the host: no second copy of the weights on the device.
+        "max_abs_diff": (logits.float().cpu() - expected).abs().max().item(),
         "logit_scale": expected.abs().max().item(),
     }
 

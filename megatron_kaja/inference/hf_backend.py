@@ -27,7 +27,7 @@ class HFBackendConfig:
 
     model: str
     tokenizer: str | None = None
-    device: str = "cpu"
+    device: str | None = None  # None: `compute_device()` (the local GPU if there is one)
     dtype: str = "auto"
     batch_size: int = 8
     seed: int = 0
@@ -58,12 +58,15 @@ class HFBackend:
         self.config = config or HFBackendConfig(**kwargs)
         self.model = None
         self.tokenizer = None
+        self.device = None
 
     def _load(self) -> None:
         if self.model is not None:
             return
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from megatron_kaja.parallel.distributed import compute_device
 
         cfg = self.config
         if _is_awq_checkpoint(cfg.model):
@@ -73,7 +76,8 @@ class HFBackend:
         if self.tokenizer.chat_template is None:
             raise ValueError(f"hf backend: the tokenizer of {cfg.model} has no chat template")
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device)
+        self.device = torch.device(cfg.device) if cfg.device else compute_device()
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(self.device)
         self.model.eval()
 
     def check(self) -> None:
@@ -119,7 +123,7 @@ class HFBackend:
         for i, s in enumerate(seqs):
             ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, width - len(s) :] = 1
-        return ids.to(self.config.device), mask.to(self.config.device)
+        return ids.to(self.device), mask.to(self.device)
 
     def _top(self, logprobs, k: int) -> dict[str, float]:
         values, ids = logprobs.topk(k)
@@ -152,9 +156,7 @@ class HFBackend:
             for i in (i for i in range(len(reqs)) if results[i] is None):
                 seqs = [prompts[i] + c for c in conts[i]]
                 width = max(len(s) for s in seqs)
-                ids = torch.tensor(
-                    [s + [0] * (width - len(s)) for s in seqs], device=self.config.device
-                )
+                ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=self.device)
                 lp_all = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)
                 n = len(prompts[i])
                 scored = [

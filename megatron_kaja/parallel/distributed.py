@@ -33,6 +33,18 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def compute_device() -> torch.device:
+    """The device this process computes on: its CUDA device on a GPU machine, else the CPU.
+
+    Under the CPU bridge this is "cuda" too (the bridge runs it on the CPU, and strict devices
+    then treats what is put there as a GPU would), so one code path serves both machines.
+    Every place in the project that picks a device for tensors or models asks this.
+    """
+    if torch.cuda.is_available() or cpu_bridge.is_active():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_process_group(timeout_minutes: int = 30) -> None:
     """Start torch.distributed from torchrun's (or SLURM srun's) environment.
 

@@ -36,7 +36,7 @@ from megatron_kaja.checkpoint.convert import dtype_name
 from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.export import hf_weight_groups
-from megatron_kaja.parallel.distributed import tensor_parallel_group
+from megatron_kaja.parallel.distributed import compute_device, tensor_parallel_group
 from megatron_kaja.rl.sampler import (
     Generation,
     SamplingGenerator,
@@ -181,7 +181,7 @@ class HFEngine:
             eos_token_id=settings.eos_token_id,
             pad_token_id=settings.pad_token_id,
             dtype=param.dtype,
-            device=param.device,
+            device=compute_device(),
             transformer_impl=settings.transformer_impl,
         )
 
@@ -312,7 +312,7 @@ class VLLMEngine:
             eos_token_id=settings.eos_token_id,
             pad_token_id=settings.pad_token_id,
             dtype=param.dtype,
-            device=param.device,
+            device=compute_device(),
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             seed=settings.seed,

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_kaja.parallel.distributed import tensor_parallel_group
+from megatron_kaja.parallel.distributed import compute_device, tensor_parallel_group
 from megatron_kaja.rl.losses import mask_padded_vocab
 
 # Sampling randomness: one stream for the whole batch, or one generator per row.
@@ -327,7 +327,7 @@ def generate(
     """
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    device = next(model.parameters()).device
+    device = compute_device()
     prompt_ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     b, width = prompt_ids.shape
     total = width + params.max_new_tokens

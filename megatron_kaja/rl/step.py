@@ -227,7 +227,8 @@ def grpo_step(
         advantages = compute_advantages(config.advantage, batch.rewards, config.advantage_eps)
         advantages = advantages.flatten().to(gen.logprobs)
         # Missing rewards take no part in the loss at all.
-        loss_mask = gen.response_mask & batch.rewards.valid.flatten().unsqueeze(1)
+        valid = batch.rewards.valid.flatten().unsqueeze(1).to(gen.response_mask.device)  # host
+        loss_mask = gen.response_mask & valid
     n = gen.response_ids.size(0)
     slices = _micro_batches(n, config.micro_batch_size)
     kw = dict(temperature=config.temperature, vocab_size=vocab_size)

@@ -17,6 +17,7 @@ from megatron_kaja.data.records import DataFormatError
 from megatron_kaja.data.sources import DataSource
 from megatron_kaja.extras import require
 from megatron_kaja.models.llama.model import build_gpt_model
+from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.engines import EngineSettings, build_rollout_engine
 from megatron_kaja.rl.rollout import PromptRecord, RolloutSeeds, prompt_record
 from megatron_kaja.rl.run_config import GRPORunConfig
@@ -207,10 +208,11 @@ class GRPOTrainer(Trainer):
         if self.grpo.beta > 0:
             from megatron_kaja.checkpoint.loading import load_mcore_weights
 
+            impl = run.stack.transformer_impl  # the policy's layer spec: same kernels on a GPU
             self.ref_model = build_gpt_model(
-                arch, bf16=cfg.bf16, vocab_size_override=run.padded_vocab
+                arch, transformer_impl=impl, bf16=cfg.bf16, vocab_size_override=run.padded_vocab
             )
-            load_mcore_weights(self.ref_model, ref_source)
+            load_mcore_weights(self.ref_model, ref_source, impl)
             self.ref_model.requires_grad_(False).eval()
         tokenizer = run.tokenizer
         self.pad_id = (
@@ -273,7 +275,7 @@ class GRPOTrainer(Trainer):
                 cfg.seed,
                 iteration,
                 first_prompt=run.layout.dp_rank * self.per_rank,
-                device=next(stack.model.parameters()).device,
+                device=compute_device(),
             ),
             num_prompts=self.per_rank,
             engine=self.engine,

@@ -24,6 +24,7 @@ dist checkpoint and reshard as usual.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -350,6 +351,35 @@ def _materialize_optimizer_state(optimizer) -> None:
             init()
 
 
+@contextlib.contextmanager
+def _fully_reshardable_step_fix(optimizer):
+    """Let megatron-core 0.16.1 load a `fully_reshardable` distributed-optimizer state.
+
+    Without apex / transformer-engine the distributed optimizer wraps torch Adam, whose
+    per-parameter state holds a "step" tensor. `load_parameter_state_from_fully_reshardable`
+    leaves "step" out of the tensors it hands to `_set_main_param_and_optimizer_states`,
+    which then copies every key of the parameter's current state, "step" included:
+    `KeyError: 'step'`. Here the missing "step" is filled with a placeholder (the copy goes
+    into the step tensor, which `_restore_adam_steps` then replaces from the param groups).
+    """
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def set_states(model_param, tensors, original=original):
+            original(model_param, {"step": torch.zeros(()), **tensors})
+
+        inner._set_main_param_and_optimizer_states = set_states
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # the class's method again
+
+
 def _restore_adam_steps(optimizer) -> None:
     """Give every parameter its own, correct torch-Adam `step` after a load.
 
@@ -367,6 +397,7 @@ def _restore_adam_steps(optimizer) -> None:
             for param in group["params"]:
                 state = torch_optimizer.state.get(param)
                 if state is not None and torch.is_tensor(state.get("step")):
+                    # torch Adam keeps `step` on the host unless capturable / fused.
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
@@ -400,10 +431,14 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     loaded = dist_checkpointing.load(template, str(ckpt))
     stack.model.load_state_dict(loaded["model"])
     if megatron_optimizer:
-        # The optimizer's fp32 main params were copied from the weights at construction:
-        # refresh them from the loaded weights (the state below overwrites what it holds).
-        stack.optimizer.reload_model_params()
-        with torch.no_grad():  # the distributed optimizer copies into its main params in place
+        # The fp32 main params come from the checkpoint, not from the loaded weights: no
+        # `reload_model_params()` here. megatron-core 0.16.1's optimizers hand out their live
+        # main params as load targets (the distributed optimizer's `dp_reshardable` format:
+        # `get_parameter_state_dp_reshardable`, "without any copies"; the bf16 optimizer's
+        # `fp32_from_fp16_params`), so `dist_checkpointing.load` has already restored them in
+        # place; copying the bf16 weights over them would round every master weight to bf16
+        # (a resume that drifts from the uninterrupted run from its second step on).
+        with torch.no_grad(), _fully_reshardable_step_fix(stack.optimizer):
             stack.optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(stack.optimizer)
     else:

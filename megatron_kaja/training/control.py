@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from megatron_kaja.parallel.distributed import compute_device
+
 logger = logging.getLogger("megatron_kaja.train")
 
 
@@ -45,7 +47,7 @@ class RunControl:
         self.sigterm = True
 
     def _sigterm_on_any_rank(self) -> bool:
-        flag = torch.tensor([int(self.sigterm)])
+        flag = torch.tensor([int(self.sigterm)], device=compute_device())  # NCCL: on the device
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

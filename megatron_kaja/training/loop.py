@@ -81,12 +81,15 @@ def rank0_first(fn: Callable[[], Any]) -> Any:
 
 
 def device_batch(batch: dict) -> dict:
-    """A micro-batch's tensors on this rank's GPU (unchanged on a CPU machine)."""
+    """A micro-batch's tensors on this rank's compute device."""
     import torch
 
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    from megatron_kaja.parallel.distributed import compute_device
+
+    device = compute_device()
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 @dataclass

@@ -229,23 +229,13 @@ class RunSettings(
 def check_optimizer_flags(cfg) -> None:
     """The `--optimizer` rules (raises ValueError).
 
-    - bitsandbytes' 8-bit optimizers keep one unsharded state per model-parallel rank:
-      megatron's distributed optimizer does not apply to them.
-    - megatron-core 0.16.1's non-distributed bf16 optimizer fails to map its state onto the
-      model's sharded tensors when saving a dist checkpoint; the 8-bit optimizers save their
-      state beside it (checkpointing.py), so they save under --bf16.
+    bitsandbytes' 8-bit optimizers keep one unsharded state per model-parallel rank:
+    megatron's distributed optimizer does not apply to them.
     """
     if cfg.optimizer != "adam" and cfg.use_distributed_optimizer:
         raise ValueError(
             f"--optimizer {cfg.optimizer} keeps its own unsharded 8-bit state: drop "
             "--use-distributed-optimizer (or use --optimizer adam)"
-        )
-    adam = cfg.optimizer == "adam"
-    if adam and cfg.bf16 and cfg.save is not None and not cfg.use_distributed_optimizer:
-        raise ValueError(
-            "--bf16 with --save needs --use-distributed-optimizer (the non-distributed bf16 "
-            "optimizer of megatron-core 0.16.1 cannot save a dist checkpoint) or an 8-bit "
-            "--optimizer (adamw_8bit, paged_adamw_8bit)"
         )
 
 

@@ -18,7 +18,7 @@ from megatron_kaja.data import (
 )
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
-from megatron_kaja.parallel.distributed import ParallelLayout
+from megatron_kaja.parallel.distributed import ParallelLayout, compute_device
 from megatron_kaja.training.config import ConfigError, SFTConfig
 from megatron_kaja.training.loop import Run, Trainer, device_batch, rank0_first, run_training
 from megatron_kaja.training.loop import main as run_main
@@ -81,10 +81,10 @@ def run_global_batch(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=compute_device())  # NCCL: on the device
     if ps.is_pipeline_last_stage():
         for out in outputs:
-            totals += out["loss"].double().cpu()
+            totals += out["loss"].double()
     # Sum over data-parallel ranks, then hand the last stage's numbers to every stage.
     dist.all_reduce(totals, group=ps.get_data_parallel_group())
     dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())

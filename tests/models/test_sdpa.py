@@ -18,17 +18,21 @@ CU_SEQLENS = (0, 5, 13, 24, 31, 44, 48)
 
 
 def packed_batch(vocab_size: int):
-    """(tokens, position_ids, cu_seqlens) of two packed rows, the same on every process."""
+    """(tokens, position_ids, cu_seqlens) of two packed rows, the same on every process, on
+    the compute device (as the SFT loop feeds them)."""
+    from megatron_kaja.parallel.distributed import compute_device
+
     generator = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, vocab_size, (ROWS, SEQ), generator=generator)
     positions = torch.arange(SEQ).expand(ROWS, SEQ)
-    return tokens, positions, torch.tensor(CU_SEQLENS, dtype=torch.int32)
+    cu_seqlens = torch.tensor(CU_SEQLENS, dtype=torch.int32)
+    return tuple(t.to(compute_device()) for t in (tokens, positions, cu_seqlens))
 
 
 def loss_of_logits(logits: torch.Tensor) -> torch.Tensor:
     """A loss that weighs every logit differently, so every gradient entry is exercised."""
     generator = torch.Generator().manual_seed(11)
-    weights = torch.randn(logits.shape, generator=generator)
+    weights = torch.randn(logits.shape, generator=generator).to(logits.device)
     return (logits * weights).sum() / logits.numel()
 
 
@@ -147,7 +151,7 @@ def test_left_padded_rows_stay_finite_and_equal_local(megatron_world):
     from megatron_kaja.rl.sampler import causal_padding_mask
 
     local, sdpa = _pair(_arch("gqa"))
-    valid = torch.ones(ROWS, SEQ, dtype=torch.bool)
+    valid = torch.ones(ROWS, SEQ, dtype=torch.bool, device=packed_batch(100)[0].device)
     valid[0, :6] = False  # row 0: a prompt left-padded by 6
     mask = causal_padding_mask(valid)
     ref_logits, _ = _forward_backward(local, attention_mask=mask)
@@ -173,7 +177,7 @@ def test_no_attention_across_packed_samples(megatron_world):
     differs = (before - after).abs().amax(dim=-1) > 0  # [b, s]
     expected = torch.zeros(ROWS, SEQ, dtype=torch.bool)
     expected[0, 5:13] = True
-    assert torch.equal(differs, expected)
+    assert torch.equal(differs.cpu(), expected)
 
 
 def test_dropout_uses_the_tensor_parallel_rng_stream_and_replays_under_recompute(megatron_world):
@@ -231,11 +235,13 @@ def test_tp2_equals_tp1(megatron_world, tiny_hf_dir, tiny_hf_gqa_dir, tmp_path):
         logits = local(tokens, positions, mask)[..., : arch.vocab_size]
         loss_of_logits(logits).backward()
         tp2 = torch.load(tmp_path / f"{case['name']}.pt")
-        torch.testing.assert_close(tp2["logits"], logits.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tp2["logits"], logits.detach().cpu(), rtol=1e-5, atol=1e-5)
         assert len(tp2["grads"]) == 2 * arch.num_layers
         params = dict(local.named_parameters())
         for name, grad in tp2["grads"].items():
-            torch.testing.assert_close(grad, params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(
+                grad, params[name].grad.cpu(), rtol=1e-4, atol=1e-6, msg=name
+            )
 
 
 @pytest.mark.gpu
@@ -248,7 +254,7 @@ def test_gpu_varlen_flash_path_equals_local_bf16(megatron_world, kind):
 
     assert sdpa_module.varlen_attn is not None, "this torch has no varlen_attn"
     local, sdpa = _pair(_arch(kind), bf16=True)
-    tokens, positions, cu_seqlens = (t.cuda() for t in packed_batch(local.vocab_size))
+    tokens, positions, cu_seqlens = packed_batch(local.vocab_size)
     mask = build_attention_mask(cu_seqlens, ROWS, SEQ)
     with torch.no_grad():
         ref = local(tokens, positions, mask).float()

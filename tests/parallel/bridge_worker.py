@@ -8,7 +8,11 @@ import torch.distributed as dist
 
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.model import build_gpt_model
-from megatron_kaja.parallel.distributed import destroy_model_parallel, initialize_model_parallel
+from megatron_kaja.parallel.distributed import (
+    compute_device,
+    destroy_model_parallel,
+    initialize_model_parallel,
+)
 
 ARCH = LlamaArch(
     hidden_size=64,
@@ -33,7 +37,8 @@ def grads_after_step(recompute, seed=11):
         recompute_granularity="full" if recompute else None,
     )
     tokens = torch.randint(0, ARCH.vocab_size, (2, 32), generator=torch.Generator().manual_seed(5))
-    positions = torch.arange(32).unsqueeze(0).expand(2, 32)
+    tokens = tokens.to(compute_device())
+    positions = torch.arange(32, device=compute_device()).unsqueeze(0).expand(2, 32)
     loss = model(tokens, positions, None, labels=tokens).float().mean()
     loss.backward()
     return model, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -62,7 +67,8 @@ def main(tmp):
     optimizer = get_megatron_optimizer(config, [ddp])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokens = torch.randint(0, ARCH.vocab_size, (2, 32), generator=torch.Generator().manual_seed(5))
-    positions = torch.arange(32).unsqueeze(0).expand(2, 32)
+    tokens = tokens.to(compute_device())
+    positions = torch.arange(32, device=compute_device()).unsqueeze(0).expand(2, 32)
     optimizer.zero_grad()
     ddp(tokens, positions, None, labels=tokens).float().mean().backward()
     ddp.finish_grad_sync()

@@ -9,11 +9,14 @@ from tests.helpers import REPO, run_torchrun
 
 @pytest.fixture
 def bridge():
-    was_active = cpu_bridge.is_active()
-    assert cpu_bridge.activate()
+    """The plain bridge (strict devices has its own tests), the former state restored after."""
+    was_active, was_strict = cpu_bridge.is_active(), cpu_bridge.is_strict()
+    cpu_bridge.deactivate()
+    assert cpu_bridge.activate(strict=False)
     yield
-    if not was_active:
-        cpu_bridge.deactivate()
+    cpu_bridge.deactivate()
+    if was_active:
+        cpu_bridge.activate(strict=was_strict)
 
 
 def test_cuda_devices_map_to_cpu(bridge):

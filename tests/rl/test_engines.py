@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_kaja.models.llama.export import hf_weight_groups
+from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.engines import (
     BuiltinEngine,
     HFEngine,
@@ -41,7 +42,7 @@ def _engines(model, arch):
         eos_token_id=arch.eos_token_id,
         pad_token_id=PAD,
         dtype=torch.float32,
-        device=torch.device("cpu"),
+        device=compute_device(),
     )
     return builtin, hf
 
@@ -54,7 +55,7 @@ def test_export_of_a_loaded_model_is_the_hf_checkpoint(tiny_policy, tiny_hf_dir)
     original = _hf_state(tiny_hf_dir)
     assert set(names) == set(original)
     for name, tensor in exported:  # the padded vocabulary rows are cut, fused tensors split
-        assert torch.equal(tensor, original[name].to(tensor.dtype)), name
+        assert torch.equal(tensor, original[name].to(tensor)), name
 
 
 def test_hf_engine_samples_what_the_builtin_sampler_samples(tiny_policy):
@@ -71,8 +72,9 @@ def test_hf_engine_samples_what_the_builtin_sampler_samples(tiny_policy):
     # Sampled rows: the recorded log-probs are those of the temperature-scaled distribution,
     # which the training forward recomputes; and the same generator seed samples alike.
     params = SamplingParams(10, temperature=0.7)
-    sampled = hf.generate(PROMPTS * 3, params, torch.Generator().manual_seed(2))
-    again = hf.generate(PROMPTS * 3, params, torch.Generator().manual_seed(2))
+    seeded = lambda: torch.Generator(device=compute_device()).manual_seed(2)  # noqa: E731
+    sampled = hf.generate(PROMPTS * 3, params, seeded())
+    again = hf.generate(PROMPTS * 3, params, seeded())
     assert torch.equal(sampled.response_ids, again.response_ids)
     assert sampled.response_ids.size(1) > 1 and sampled.response_ids.unique().numel() > 5
     with torch.no_grad():
@@ -242,8 +244,9 @@ def test_vllm_engine_follows_the_sleep_mode_protocol(tiny_policy, tiny_hf_dir, m
     assert groups == arch.num_layers + 2  # layer by layer: never a second full copy at once
     original = _hf_state(tiny_hf_dir)
     assert set(llm.loaded) == set(original)
-    assert all(torch.equal(llm.loaded[n], original[n].float()) for n in original)
-    gen = engine.generate(PROMPTS * 2, params, torch.Generator().manual_seed(0))
+    assert all(torch.equal(llm.loaded[n].cpu(), original[n].float()) for n in original)
+    generator = torch.Generator(device=compute_device()).manual_seed(0)
+    gen = engine.generate(PROMPTS * 2, params, generator)
     engine.sleep()
     assert llm.calls == [
         "sleep", "wake:weights", *["apply_model"] * groups, "reset_prefix_cache",

@@ -75,10 +75,13 @@ def test_kl_term_and_gradient():
 
 
 def test_token_logprobs_match_log_softmax(megatron_world):
+    from megatron_kaja.parallel.distributed import compute_device
+
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 16, requires_grad=True)
-    targets = torch.randint(0, 13, (2, 5))
-    weights = torch.randn(2, 5)
+    device = compute_device()  # where a TP collective's inputs live
+    logits = torch.randn(2, 5, 16).to(device).requires_grad_()
+    targets = torch.randint(0, 13, (2, 5)).to(device)
+    weights = torch.randn(2, 5).to(device)
     got = token_logprobs(logits, targets, temperature=0.7, vocab_size=13)
     (got * weights).sum().backward()
     ours = logits.grad.clone()

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.advantages import GroupedRewards
 from megatron_kaja.rl.engines import BuiltinEngine
 from megatron_kaja.rl.rollout import (
@@ -90,7 +91,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_policy):
     def reward(prompts, completions, **columns):
         return [1.0 if int(p[1:]) % 2 == 0 else float(next(counter) % 2) for p in prompts]
 
-    kwargs = dict(pad_token_id=4, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(pad_token_id=4, generator=torch.Generator(device=compute_device()).manual_seed(0))
     engine = BuiltinEngine(
         model, eos_token_id=arch.eos_token_id, pad_token_id=4, vocab_size=arch.vocab_size
     )
@@ -111,7 +112,7 @@ def test_dynamic_sampling_drops_flat_groups_and_refills(tiny_policy):
     assert refilled.groups_sampled == 8 and refilled.zero_variance_frac == 0.5
     assert refilled.metrics["reward_mean"] == pytest.approx(0.75)  # over all groups sampled
     # Each kept row's generation belongs to its prompt.
-    prompt_tokens = refilled.generation.prompt_ids[:, -1].view(4, 4)
+    prompt_tokens = refilled.generation.prompt_ids[:, -1].view(4, 4).cpu()
     assert (prompt_tokens == torch.tensor([31, 33, 35, 37]).unsqueeze(1)).all()
     with pytest.raises(RuntimeError, match="kept no group"):
         collect_rollouts(

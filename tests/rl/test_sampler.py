@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.sampler import SamplingParams, causal_padding_mask, generate, left_pad
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 99, 17], [1, 300, 301, 302, 12], [1, 7]]
@@ -16,7 +17,7 @@ def _generate(model, arch, params, seed=0, **kwargs):
         eos_token_id=arch.eos_token_id,
         pad_token_id=4,
         vocab_size=arch.vocab_size,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(device=compute_device()).manual_seed(seed),
         **kwargs,
     )
 
@@ -94,7 +95,9 @@ def test_sampling_is_seeded_and_respects_top_p(tiny_policy):
     with torch.no_grad():
         model.eval()
         logits = model(
-            full, torch.arange(full.size(1)).expand_as(full), causal_padding_mask(valid)
+            full,
+            torch.arange(full.size(1), device=full.device).expand_as(full),
+            causal_padding_mask(valid),
         )[..., : arch.vocab_size]
     width = a.prompt_ids.size(1)
     for step in range(a.response_ids.size(1)):
@@ -118,7 +121,7 @@ def test_stops_at_eos_and_masks_after(tiny_policy):
         eos_token_id=arch.eos_token_id,
         pad_token_id=4,
         vocab_size=arch.vocab_size,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=compute_device()).manual_seed(0),
     )
     ended = 0
     for ids, mask in zip(out.response_ids, out.response_mask, strict=True):

@@ -6,6 +6,7 @@ import unicodedata
 import pytest
 import torch
 
+from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.config import GRPOConfig
 from megatron_kaja.rl.rollout import prompt_record
 from megatron_kaja.rl.step import grpo_step
@@ -62,7 +63,7 @@ def setup(tiny_policy, tiny_hf_dir, tiny_mcore_dir):
         eos_token_id=arch.eos_token_id,
         pad_token_id=4,
         vocab_size=arch.vocab_size,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=compute_device()).manual_seed(0),
     )
     return model, ref, prompts, kwargs
 

@@ -243,8 +243,7 @@ def test_bad_prompt_file_and_settings_fail_early(grpo_setup, tiny_hf_dir, tmp_pa
     eight_bit = [*base, "--optimizer", "paged_adamw_8bit"]
     with pytest.raises(ConfigError, match="drop --use-distributed-optimizer"):
         load_config([*eight_bit, "--use-distributed-optimizer"], GRPORunConfig)
-    with pytest.raises(ConfigError, match=r"needs --use-distributed-optimizer .* or an 8-bit"):
-        load_config([*base, "--bf16", "--save", str(tmp_path)], GRPORunConfig)
+    assert load_config([*base, "--bf16", "--save", str(tmp_path)], GRPORunConfig).bf16
     assert load_config([*eight_bit, "--bf16", "--save", str(tmp_path)], GRPORunConfig).bf16
 
 
@@ -283,3 +282,28 @@ def test_rank_metrics_merge_across_different_prompt_kinds():
     assert merged["loss"] == pytest.approx(2.0)
     assert merged["skipped"] is False
     assert math.isnan(merge_rank_metrics([{"x": math.nan}, {"x": math.nan}])["x"])
+
+
+def test_reference_model_has_the_policys_layer_spec(
+    megatron_world, grpo_setup, tiny_hf_dir, tmp_path, monkeypatch
+):
+    """On a GPU the policy takes the SDPA (or transformer-engine) spec by default; the frozen
+    reference must run the same kernels, not megatron-core's local spec."""
+    from megatron_kaja.rl import trainer
+    from megatron_kaja.rl.run_config import GRPORunConfig
+    from megatron_kaja.training import setup
+    from megatron_kaja.training.config import load_config
+
+    monkeypatch.setattr(setup, "default_transformer_impl", lambda: "sdpa")  # as on a GPU
+    built = []
+
+    def build_reference(arch, **kwargs):
+        built.append(kwargs.get("transformer_impl", "local"))
+        return build_gpt_model(arch, **kwargs)
+
+    build_gpt_model = trainer.build_gpt_model
+    monkeypatch.setattr(trainer, "build_gpt_model", build_reference)
+    args = _args(grpo_setup, tiny_hf_dir, tmp_path, "--reward", "refusal_with_reason")
+    args[args.index("--train-iters") + 1] = "1"
+    metrics = trainer.train_grpo(load_config(args, GRPORunConfig))
+    assert built == ["sdpa"] and math.isfinite(metrics["kl"])

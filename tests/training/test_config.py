@@ -39,7 +39,6 @@ def test_yaml_recipe_and_flags_win(tmp_path):
         (["--save-interval", "10"], "--save-interval needs --save"),
         (["--lr-decay-style", "wavy"], "--lr-decay-style"),
         (["--micro-batch-size", "0"], "--micro-batch-size"),
-        (["--bf16", "--save", "out"], "needs --use-distributed-optimizer"),
         (["--optimizer", "adamw_8bit", "--use-distributed-optimizer"], "drop --use-distributed"),
         (["--optimizer", "lion"], "--optimizer"),
     ],
@@ -49,11 +48,13 @@ def test_inconsistent_settings_fail_naming_the_flag(argv, message):
         load_config(BASE + argv)
 
 
-def test_8bit_optimizer_saves_under_bf16():
-    """Its state is saved beside the dist checkpoint, so --bf16 --save needs no distributed
-    optimizer (megatron's non-distributed bf16 optimizer does)."""
+def test_every_optimizer_saves_under_bf16():
+    """--bf16 --save with megatron's optimizer (distributed or not) and the 8-bit ones (whose
+    state is saved beside the dist checkpoint); test_sft proves the resumes exact."""
     cfg = load_config([*BASE, "--bf16", "--save", "out", "--optimizer", "paged_adamw_8bit"])
     assert cfg.optimizer == "paged_adamw_8bit" and not cfg.use_distributed_optimizer
+    cfg = load_config([*BASE, "--bf16", "--save", "out"])
+    assert cfg.optimizer == "adam" and cfg.bf16 and not cfg.use_distributed_optimizer
 
 
 def test_missing_required_settings_are_named():

@@ -9,7 +9,11 @@ import sys
 import pytest
 import torch
 
-from megatron_kaja.checkpoint.convert import hf_to_mcore, open_mcore_checkpoint
+from megatron_kaja.checkpoint.convert import (
+    McoreCheckpointMeta,
+    hf_to_mcore,
+    open_mcore_checkpoint,
+)
 from megatron_kaja.models.llama.state_dict import GLOBAL_MAPPINGS
 from tests.helpers import REPO, run_torchrun
 
@@ -168,6 +172,68 @@ def test_resume_is_exact(runs, uninterrupted, prefix):
     )
     for key, tensor in uninterrupted.items():
         assert torch.equal(tensor, after_resume[key]), key
+
+
+BF16_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(sft_setup, tiny_hf_dir, tmp_path_factory):
+    """--bf16 with megatron's optimizer (one process) and the distributed optimizer (TP=2, with
+    both of its checkpoint formats): 4 steps uninterrupted, and 2 steps + exit + 2 resumed."""
+    out = tmp_path_factory.mktemp("bf16")
+
+    def a(name, *extra, resume_from=None):
+        args = _args(sft_setup, tiny_hf_dir, out / name, "--bf16", *extra)
+        args[args.index("--train-iters") + 1] = str(BF16_STEPS)
+        if resume_from is not None:
+            args[args.index("--load") + 1] = str(out / resume_from)
+        return args
+
+    def triple(prefix, *flags):
+        saved = str(out / f"{prefix}_r")
+        return [
+            a(prefix, *flags, "--save", str(out / prefix)),
+            a(f"{prefix}_part1", *flags, "--save", saved, "--exit-interval", "2"),
+            a(f"{prefix}_resumed", *flags, "--save", saved, resume_from=f"{prefix}_r"),
+        ]
+
+    def launch(nproc, runs):
+        run_torchrun(WORKER, nproc, json.dumps([{"entry": "sft", "argv": r} for r in runs]))
+
+    launch(1, triple("adam"))
+    dopt = ("--use-distributed-optimizer", "--tensor-model-parallel-size", "2")
+    full = (*dopt, "--dist-ckpt-optim-fully-reshardable")
+    launch(2, [*triple("dopt", *dopt), *triple("full", *full)[1:]])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("uninterrupted", "prefix"),
+    [
+        ("adam", "adam"),  # megatron's bf16 optimizer: "Param id N does not match" on save
+        ("dopt", "dopt"),  # distributed optimizer: main params were rounded to bf16 on resume
+        ("dopt", "full"),  # its fully_reshardable format: KeyError 'step' on resume
+    ],
+)
+def test_bf16_save_and_resume_are_exact(bf16_runs, uninterrupted, prefix):
+    part1 = _metrics(bf16_runs / f"{prefix}_part1" / "metrics.jsonl")
+    resumed = _metrics(bf16_runs / f"{prefix}_resumed" / "metrics.jsonl")
+    reference = _metrics(bf16_runs / uninterrupted / "metrics.jsonl")
+    assert [m["step"] for m in part1 + resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in part1 + resumed] == [m["loss"] for m in reference]
+    assert reference[-1]["loss"] < reference[0]["loss"]
+    last = f"iter_{BF16_STEPS:07d}"
+    reader_a = open_mcore_checkpoint(bf16_runs / uninterrupted / last)
+    reader_b = open_mcore_checkpoint(bf16_runs / f"{prefix}_r" / last)
+    assert McoreCheckpointMeta.load(bf16_runs / uninterrupted / last).dtype == "bfloat16"
+    for mapping in GLOBAL_MAPPINGS:
+        assert torch.equal(reader_a.load_global(mapping), reader_b.load_global(mapping))
+    for layer in range(reader_a.arch.num_layers):
+        b = reader_b.load_layer(layer)
+        for mapping, tensor in reader_a.load_layer(layer).items():
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, b[mapping]), mapping
 
 
 @pytest.mark.slow

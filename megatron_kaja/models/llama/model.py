@@ -46,6 +46,8 @@ def build_gpt_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_kaja.parallel.distributed import compute_device
+
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     config = transformer_config(
@@ -55,7 +57,7 @@ def build_gpt_model(
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(transformer_impl),
         vocab_size=vocab_size_override
@@ -68,3 +70,28 @@ def build_gpt_model(
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
     )
+    _norms_in_params_dtype(model, config.params_dtype)
+    # With CPU initialization (the CPU machine's default) the weights are made on the host.
+    return model.to(compute_device())
+
+
+def _norms_in_params_dtype(model, params_dtype) -> None:
+    """Give the RMSNorm weights the model's parameter dtype, as every other weight has.
+
+    megatron-core 0.16.1's torch norm fallback (`transformer/torch_norm.py`,
+    `WrappedTorchNorm`, the norm of the local and SDPA specs without apex or
+    transformer-engine) builds `torch.nn.RMSNorm(normalized_shape, eps)` without
+    `dtype=config.params_dtype`, so under --bf16 the norm weights stay fp32 while the rest is
+    bf16. Megatron's optimizers then keep them in `fp32_from_fp32_groups`, and the
+    non-distributed `Float16OptimizerWithFloat16Params.sharded_state_dict` maps optimizer
+    state onto model tensors only for `float16_groups`
+    (`get_param_id_to_sharded_param_map(..., chain.from_iterable(self.float16_groups))`):
+    the norms' Adam state has no key and a save fails with "Param id N does not match any
+    model sharded param". bf16 norm weights (what transformer-engine's norms have) put them
+    in the float16 groups with fp32 main copies like every other weight.
+    """
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+            module.to(params_dtype)
