@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_kaja.checkpoint.hf import CheckpointError
+from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.safe_load import load_dcp_metadata, safe_filesystem_reader
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.state_dict import (
     GLOBAL_MAPPINGS,
@@ -147,11 +148,9 @@ class TorchDistReader:
     """Reads the global tensors of an llm-jp-3 torch_dist checkpoint one layer at a time."""
 
     def __init__(self, ckpt_dir: Path, arch: LlamaArch):
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.dir = Path(ckpt_dir)
         self.arch = arch
-        metadata = FileSystemReader(self.dir).read_metadata()
+        metadata = load_dcp_metadata(self.dir)
         self.shapes = {
             k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")
         }
@@ -228,7 +227,12 @@ class TorchDistReader:
         out = {
             key: torch.empty(sizes, dtype=self.dtypes[key]) for key, (_, sizes) in regions.items()
         }
-        dcp.load(out, checkpoint_id=self.dir, planner=RegionLoadPlanner(), no_dist=True)
+        dcp.load(
+            out,
+            storage_reader=safe_filesystem_reader(self.dir),
+            planner=RegionLoadPlanner(),
+            no_dist=True,
+        )
         return out
 
     def load_global(self, mapping: TensorMapping) -> torch.Tensor:

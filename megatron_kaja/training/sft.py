@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_kaja.checkpoint import CheckpointError
 from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
 from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.data import (
@@ -58,10 +59,13 @@ def resolve_model_source(cfg, run_kind: str) -> tuple[LlamaArch, int | None, boo
     """
     if cfg.load is None:
         raise ConfigError("--load is required: training starts from a converted checkpoint")
-    found = checkpointing.latest_checkpoint(cfg.load)
-    resume = found is not None and found[1] == run_kind
-    weights = checkpointing.iteration_dir(cfg.load, found[0]) if found else cfg.load
-    reader = open_mcore_checkpoint(weights)
+    try:
+        found = checkpointing.latest_checkpoint(cfg.load)
+        resume = found is not None and found[1] == run_kind
+        weights = checkpointing.iteration_dir(cfg.load, found[0]) if found else cfg.load
+        reader = open_mcore_checkpoint(weights)
+    except CheckpointError as exc:
+        raise ConfigError(f"--load {cfg.load}: {exc}") from None
     return reader.arch, reader.padded_vocab, resume, Path(weights)
 
 
