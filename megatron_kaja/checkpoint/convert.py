@@ -38,7 +38,7 @@ from megatron_kaja.checkpoint.megatron_args import (
     megatron_lm_args,
     megatron_lm_common_state,
 )
-from megatron_kaja.checkpoint.safe_load import load_common_state
+from megatron_kaja.checkpoint.safe_load import load_common_state, vet_torch_dist
 from megatron_kaja.checkpoint.safetensors_io import TensorSpec, write_safetensors_streaming
 from megatron_kaja.checkpoint.torch_dist import TorchDistReader, write_torch_dist
 from megatron_kaja.models.llama.config import (
@@ -246,6 +246,7 @@ def open_mcore_checkpoint(mcore_dir: str | Path, hf_template: str | Path | None 
     location = locate_checkpoint(mcore_dir)
     arch = _checkpoint_arch(location, Path(hf_template) if hf_template is not None else None)
     if location.format == "torch_dist":
+        vet_torch_dist(location.dir)  # every pickle in it, before anyone reads it
         reader = TorchDistReader(location.dir, arch)
         reader.validate()
     else:

@@ -62,8 +62,8 @@ def latest_checkpoint(root: Path) -> tuple[int, str | None] | None:
     if not (ckpt / "common.pt").is_file():
         return None  # a legacy (converted) checkpoint or a foreign layout: not a training run
     common = load_common_state(ckpt)
-    if "iteration" not in common:
-        return None
+    if "iteration" not in common or "sampler" not in common:
+        return None  # a converted checkpoint or a Megatron-LM run: weights to start from
     return iteration, common.get("run_kind")
 
 

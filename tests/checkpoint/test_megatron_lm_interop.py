@@ -64,9 +64,7 @@ def test_torch_dist_output_loads_in_megatron_core(tiny_hf_dir, tmp_path, megatro
 
     arch = LlamaArch.from_hf_config(tiny_hf_dir)
     out = tmp_path / "mc"
-    hf_to_mcore(
-        tiny_hf_dir, out, tensor_parallel_size=2, pipeline_parallel_size=2, progress=False
-    )
+    hf_to_mcore(tiny_hf_dir, out, tensor_parallel_size=2, pipeline_parallel_size=2, progress=False)
     # Megatron-LM's read_metadata / get_checkpoint_name / check_is_distributed_checkpoint
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
     ckpt = out / "iter_0000000"
@@ -167,7 +165,7 @@ def test_verify_and_merge_accept_megatron_lm_runs(megatron_lm_runs, tiny_hf_dir,
     for fmt, run in megatron_lm_runs.items():
         source = open_tensor_source(run, tiny_hf_dir)
         hf = HFCheckpointReader(tiny_hf_dir)
-        for key in hf.keys():
+        for key in sorted(hf.keys()):
             assert torch.equal(source.get(key), hf.get(key)), (fmt, key)
     cases = [
         {"hf": str(tiny_hf_dir), "mcore": str(run), "tp": 1, "pp": 1, "name": fmt}
