@@ -53,6 +53,10 @@ EXTRAS = {
         # (accelerate, peft, ...) leave a CPU torch in place.
         "mergekit>=0.1.5,<0.2",
         "bitsandbytes>=0.50.2",  # the 8-bit optimizer tests run its CPU kernels
+        # A second HF <-> megatron-core mapping for the converter's parity test
+        # (tests/checkpoint/test_mbridge_parity.py); pure Python, no torch pin. Its package
+        # imports einops, which it declares only in its "megatron" extra.
+        "mbridge[megatron]==0.15.1",
     ],
 }
 
