@@ -162,6 +162,27 @@ def load_common_state(ckpt_dir: str | Path) -> dict:
     return common
 
 
+def check_data_files(ckpt_dir: Path, metadata) -> None:
+    """Raise CheckpointError naming every `.distcp` file that is missing or shorter than the
+    metadata says, before any of them is read."""
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(
+            needed.get(info.relative_path, 0), info.offset + info.length
+        )
+    problems = []
+    for name, size in sorted(needed.items()):
+        path = Path(ckpt_dir) / name
+        if not path.is_file():
+            problems.append(f"data file {name} is missing")
+        elif path.stat().st_size < size:
+            problems.append(
+                f"data file {name} is truncated ({path.stat().st_size} of {size} bytes)"
+            )
+    if problems:
+        raise CheckpointError(f"{ckpt_dir}: " + "; ".join(problems))
+
+
 def vet_torch_dist(ckpt_dir: str | Path) -> None:
     """Check that nothing megatron-core's loader will unpickle from `ckpt_dir` names code.
 
@@ -172,6 +193,7 @@ def vet_torch_dist(ckpt_dir: str | Path) -> None:
     """
     ckpt_dir = Path(ckpt_dir)
     metadata = load_dcp_metadata(ckpt_dir)
+    check_data_files(ckpt_dir, metadata)
     load_common_state(ckpt_dir)
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 

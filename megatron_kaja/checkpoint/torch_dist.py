@@ -22,7 +22,11 @@ from pathlib import Path
 import torch
 
 from megatron_kaja.checkpoint import CheckpointError
-from megatron_kaja.checkpoint.safe_load import load_dcp_metadata, safe_filesystem_reader
+from megatron_kaja.checkpoint.safe_load import (
+    check_data_files,
+    load_dcp_metadata,
+    safe_filesystem_reader,
+)
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.state_dict import (
     GLOBAL_MAPPINGS,
@@ -167,14 +171,7 @@ class TorchDistReader:
             for k, v in metadata.state_dict_metadata.items()
             if hasattr(v, "properties")
         }
-        # Bytes each data file must hold, so a missing or truncated .distcp file is reported
-        # when the checkpoint is opened rather than when its tensors are first read.
-        self.file_sizes: dict[str, int] = {}
-        for info in metadata.storage_data.values():
-            end = info.offset + info.length
-            self.file_sizes[info.relative_path] = max(
-                self.file_sizes.get(info.relative_path, 0), end
-            )
+        self._metadata = metadata
         if dist_key(GLOBAL_MAPPINGS[0]) not in self.shapes:
             raise CheckpointError(f"{self.dir}: no {dist_key(GLOBAL_MAPPINGS[0])} tensor")
         self.padded_vocab = self.shapes[dist_key(GLOBAL_MAPPINGS[0])][0]
@@ -182,15 +179,8 @@ class TorchDistReader:
     def validate(self) -> None:
         """Raise CheckpointError naming missing or truncated files, missing or misshapen
         tensors."""
+        check_data_files(self.dir, self._metadata)
         problems = []
-        for name, size in sorted(self.file_sizes.items()):
-            path = self.dir / name
-            if not path.is_file():
-                problems.append(f"data file {name} is missing")
-            elif path.stat().st_size < size:
-                problems.append(
-                    f"data file {name} is truncated ({path.stat().st_size} of {size} bytes)"
-                )
         for mapping in (*GLOBAL_MAPPINGS, *LAYER_MAPPINGS):
             key = dist_key(mapping)
             shape = global_shape(mapping, self.arch, self.padded_vocab)
