@@ -56,6 +56,10 @@ EXTRAS = {
         # GRPO loss parity with TRL's GRPOTrainer._compute_loss (tests/rl): a private method,
         # so the version is pinned.
         "trl>=1.16,<1.17",
+        # A second HF <-> megatron-core mapping for the converter's parity test
+        # (tests/checkpoint/test_mbridge_parity.py); pure Python, no torch pin. Its package
+        # imports einops, which it declares only in its "megatron" extra.
+        "mbridge[megatron]==0.15.1",
     ],
 }
 

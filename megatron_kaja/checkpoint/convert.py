@@ -21,7 +21,24 @@ from tqdm import tqdm
 
 from megatron_kaja.checkpoint import CheckpointError
 from megatron_kaja.checkpoint.hf import HFCheckpointReader, write_hf_metadata
-from megatron_kaja.checkpoint.legacy import TRACKER_FILE, LegacyReader, write_legacy
+from megatron_kaja.checkpoint.layout import (
+    CheckpointLocation,
+    iteration_dirname,
+    locate_checkpoint,
+    write_tracker,
+)
+from megatron_kaja.checkpoint.legacy import (
+    LegacyReader,
+    legacy_rank_files,
+    load_legacy_file,
+    write_legacy,
+)
+from megatron_kaja.checkpoint.megatron_args import (
+    arch_from_megatron_args,
+    megatron_lm_args,
+    megatron_lm_common_state,
+)
+from megatron_kaja.checkpoint.safe_load import load_common_state, vet_torch_dist
 from megatron_kaja.checkpoint.safetensors_io import TensorSpec, write_safetensors_streaming
 from megatron_kaja.checkpoint.torch_dist import TorchDistReader, write_torch_dist
 from megatron_kaja.models.llama.config import (
@@ -143,9 +160,28 @@ def hf_to_mcore(
         transformer_impl=transformer_impl,
         dtype=dtype_name(out_dtype),
     )
+    args = megatron_lm_args(
+        arch,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        padded_vocab=padded,
+        dtype=out_dtype,
+        ckpt_format="torch_dist" if fmt == "torch_dist" else "torch",
+        transformer_impl=transformer_impl,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
     with atomic_output_dir(out) as tmp:
         if fmt == "torch_dist":
-            write_torch_dist(tmp, arch, padded, out_dtype, global_tensor, transformer_impl)
+            write_torch_dist(
+                tmp / iteration_dirname(0),
+                arch,
+                padded,
+                out_dtype,
+                global_tensor,
+                transformer_impl,
+                common=megatron_lm_common_state(args),
+            )
+            write_tracker(tmp, 0)
         else:
             write_legacy(
                 tmp,
@@ -156,52 +192,71 @@ def hf_to_mcore(
                 tensor_parallel_size,
                 pipeline_parallel_size,
                 transformer_impl,
+                args=args,
             )
-        meta.save(tmp)
+        meta.save(tmp)  # beside the tracker (training runs keep one per iteration folder)
     bar.close()
     return meta
 
 
 def detect_format(ckpt_dir: Path) -> str:
-    if (ckpt_dir / "metadata.json").is_file() and (ckpt_dir / ".metadata").is_file():
-        return "torch_dist"
-    if (ckpt_dir / TRACKER_FILE).is_file():
-        return "legacy"
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"megatron checkpoint folder {ckpt_dir} does not exist")
+    """ "torch_dist" or "legacy" for a run folder, iteration folder or bare checkpoint."""
+    return locate_checkpoint(ckpt_dir).format
+
+
+def checkpoint_args(location: CheckpointLocation):
+    """The Megatron-LM args Namespace a checkpoint carries (common.pt / rank 0's file), or
+    None."""
+    if location.format == "torch_dist":
+        state = load_common_state(location.dir) if (location.dir / "common.pt").is_file() else {}
+    else:
+        state = load_legacy_file(legacy_rank_files(location.dir)[(0, 0)])
+    return state.get("args")
+
+
+def _checkpoint_arch(location: CheckpointLocation, hf_template: Path | None) -> LlamaArch:
+    """The architecture: this project's megatron_kaja.json, else the checkpoint's own
+    Megatron-LM args, else the HF template's config.json."""
+    for folder in (location.dir, location.run_dir):
+        meta = McoreCheckpointMeta.load(folder) if folder is not None else None
+        if meta is not None:
+            return LlamaArch(**meta.arch)
+    args = checkpoint_args(location)
+    if args is not None:
+        template_vocab = None
+        if hf_template is not None and getattr(args, "vocab_size", None) is None:
+            template_vocab = LlamaArch.from_hf_config(hf_template).vocab_size
+        arch, _ = arch_from_megatron_args(args, str(location.dir), template_vocab)
+        return arch
+    if hf_template is not None:
+        return LlamaArch.from_hf_config(hf_template)
     raise CheckpointError(
-        f"{ckpt_dir} is neither a torch_dist checkpoint (metadata.json + .metadata) "
-        f"nor a legacy one ({TRACKER_FILE})"
+        f"{location.dir} has no Megatron-LM args and no {META_FILE}: pass --hf-template "
+        "with the model's HF config"
     )
 
 
 def open_mcore_checkpoint(mcore_dir: str | Path, hf_template: str | Path | None = None):
     """A reader (TorchDistReader or LegacyReader) for any megatron checkpoint of llm-jp-3.
 
-    The architecture comes from the checkpoint's megatron_kaja.json or, for checkpoints made
-    elsewhere (Megatron-LM), from `hf_template`'s config.json.
+    `mcore_dir` is a run folder (tracker + `iter_*/`), one iteration folder, or a bare
+    torch_dist folder. The architecture comes from the checkpoint's megatron_kaja.json, else
+    from the Megatron-LM `args` it carries, else from `hf_template`'s config.json.
     """
-    mcore_dir = Path(mcore_dir)
-    fmt = detect_format(mcore_dir)
-    meta = McoreCheckpointMeta.load(mcore_dir)
-    if meta is not None:
-        arch = LlamaArch(**meta.arch)
-    elif hf_template is not None:
-        arch = LlamaArch.from_hf_config(hf_template)
-    else:
-        raise CheckpointError(
-            f"{mcore_dir} has no {META_FILE}: pass --hf-template with the model's HF config"
-        )
-    if fmt == "torch_dist":
-        reader = TorchDistReader(mcore_dir, arch)
+    location = locate_checkpoint(mcore_dir)
+    arch = _checkpoint_arch(location, Path(hf_template) if hf_template is not None else None)
+    if location.format == "torch_dist":
+        vet_torch_dist(location.dir)  # every pickle in it, before anyone reads it
+        reader = TorchDistReader(location.dir, arch)
         reader.validate()
     else:
-        reader = LegacyReader(mcore_dir, arch)
+        reader = LegacyReader(location.dir, arch)
     if reader.padded_vocab < arch.vocab_size:
         raise CheckpointError(
-            f"{mcore_dir}: vocabulary of {reader.padded_vocab} rows is smaller than the "
+            f"{location.dir}: vocabulary of {reader.padded_vocab} rows is smaller than the "
             f"model's vocab_size {arch.vocab_size}"
         )
+    reader.location = location
     return reader
 
 

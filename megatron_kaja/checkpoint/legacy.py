@@ -11,13 +11,19 @@ A rank's file holds that rank's slice, so writing needs one rank's weights in me
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import torch
 
-from megatron_kaja.checkpoint.hf import CheckpointError
+from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.layout import (
+    LEGACY_FILE,
+    iteration_dirname,
+    write_tracker,
+)
+from megatron_kaja.checkpoint.megatron_args import megatron_lm_common_state
+from megatron_kaja.checkpoint.safe_load import torch_load_safe
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.state_dict import (
     EMBEDDING,
@@ -32,40 +38,19 @@ from megatron_kaja.models.llama.state_dict import (
     tp_slice,
 )
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-CHECKPOINT_NAME = "model_optim_rng.pt"
+
+def rank_dir(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    """Megatron-LM's per-rank folder name (get_checkpoint_name)."""
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def rank_dir(iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    return f"iter_{iteration:07d}/{name}"
-
-
-def megatron_lm_args(arch: LlamaArch, tp: int, pp: int, padded_vocab: int, dtype: torch.dtype):
-    """The subset of Megatron-LM's arguments that describes this model (`--use-checkpoint-args`)."""
-    return argparse.Namespace(
-        num_layers=arch.num_layers,
-        hidden_size=arch.hidden_size,
-        ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads,
-        group_query_attention=arch.num_query_groups != arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups,
-        kv_channels=arch.head_dim,
-        max_position_embeddings=arch.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta),
-        normalization="RMSNorm",
-        norm_epsilon=arch.norm_epsilon,
-        swiglu=True,
-        add_bias_linear=False,
-        untie_embeddings_and_output_weights=True,
-        padded_vocab_size=padded_vocab,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-    )
+def load_legacy_file(path: Path) -> dict:
+    """One rank's `model_optim_rng.pt`, loaded with torch's weights-only unpickler and
+    megatron-core's allowlist (args Namespace, megatron enums, numpy RNG state)."""
+    checkpoint = torch_load_safe(path, str(path), mmap=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointError(f"{path}: no 'model' entry")
+    return checkpoint
 
 
 def write_legacy(
@@ -78,12 +63,16 @@ def write_legacy(
     pp: int,
     transformer_impl: str = "local",
     iteration: int = 0,
-) -> None:
-    """Write one `model_optim_rng.pt` per (TP, PP) rank from `global_tensor(mapping, layer)`.
+    args=None,
+) -> Path:
+    """Write a run folder (tracker + `iter_*/`) with one `model_optim_rng.pt` per (TP, PP)
+    rank from `global_tensor(mapping, layer)`; returns the iteration folder.
 
     Works stage by stage: a stage's global tensors are built once and sliced for each TP rank.
+    Each file carries `args` (a Megatron-LM Namespace), `checkpoint_version` and `iteration`.
     """
-    args = megatron_lm_args(arch, tp, pp, padded_vocab, dtype)
+    common = megatron_lm_common_state(args, iteration)
+    ckpt_dir = out_dir / iteration_dirname(iteration)
     for pp_rank in range(pp):
         layers = stage_layers(arch.num_layers, pp, pp_rank)
         rank_states: list[dict] = [{} for _ in range(tp)]
@@ -113,46 +102,40 @@ def write_legacy(
             for state in rank_states:
                 state["output_layer._extra_state"] = None
         for tp_rank, state in enumerate(rank_states):
-            path = out_dir / rank_dir(iteration, tp_rank, pp_rank, pp) / CHECKPOINT_NAME
+            path = ckpt_dir / rank_dir(tp_rank, pp_rank, pp) / LEGACY_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint = {
-                "model": state,
-                "checkpoint_version": 3.0,
-                "iteration": iteration,
-                "args": args,
-            }
-            torch.save(checkpoint, path)
-    (out_dir / TRACKER_FILE).write_text(f"{iteration}\n", encoding="utf-8")
+            torch.save({**common, "model": state}, path)
+    write_tracker(out_dir, iteration)
+    return ckpt_dir
+
+
+def legacy_rank_files(ckpt_dir: Path) -> dict[tuple[int, int], Path]:
+    """{(TP rank, PP rank): model_optim_rng.pt} of a legacy checkpoint folder."""
+    ranks = {}
+    for child in Path(ckpt_dir).iterdir():
+        match = _RANK_RE.match(child.name)
+        if match and (child / LEGACY_FILE).is_file():
+            ranks[(int(match.group(1)), int(match.group(2) or 0))] = child / LEGACY_FILE
+    if not ranks:
+        raise CheckpointError(f"{ckpt_dir}: no mp_rank_*/{LEGACY_FILE} files")
+    if (0, 0) not in ranks:
+        raise CheckpointError(f"{ckpt_dir}: rank folder mp_rank_00 is missing")
+    return ranks
+
+
+# mp_rank_TT, mp_rank_TT_PPP; an expert-parallel rank would add _EEE (not llm-jp-3's)
+_RANK_RE = re.compile(r"mp_rank_(\d+)(?:_(\d+))?$")
 
 
 class LegacyReader:
-    """Reads global tensors from a legacy checkpoint at any TP / PP (files memory-mapped)."""
-
-    _RANK_RE = re.compile(r"mp_rank_(\d+)(?:_(\d+))?$")
+    """Reads global tensors from a legacy checkpoint folder at any TP / PP (files
+    memory-mapped). `ckpt_dir` is the `iter_*` (or `release`) folder."""
 
     def __init__(self, ckpt_dir: Path, arch: LlamaArch):
         self.dir = Path(ckpt_dir)
+        self.iter_dir = self.dir
         self.arch = arch
-        tracker = self.dir / TRACKER_FILE
-        if not tracker.is_file():
-            raise CheckpointError(
-                f"{self.dir}: no {TRACKER_FILE} (not a legacy Megatron checkpoint)"
-            )
-        text = tracker.read_text(encoding="utf-8").strip()
-        self.iter_dir = self.dir / ("release" if text == "release" else f"iter_{int(text):07d}")
-        if not self.iter_dir.is_dir():
-            raise CheckpointError(
-                f"{self.dir}: {TRACKER_FILE} names {self.iter_dir.name}, which is missing"
-            )
-        ranks = {}
-        for child in self.iter_dir.iterdir():
-            match = self._RANK_RE.match(child.name)
-            if match and (child / CHECKPOINT_NAME).is_file():
-                ranks[(int(match.group(1)), int(match.group(2) or 0))] = child / CHECKPOINT_NAME
-        if not ranks:
-            raise CheckpointError(f"{self.iter_dir}: no mp_rank_*/{CHECKPOINT_NAME} files")
-        if (0, 0) not in ranks:
-            raise CheckpointError(f"{self.iter_dir}: rank folder mp_rank_00 is missing")
+        ranks = legacy_rank_files(self.dir)
         self._paths = ranks
         self._states: dict[tuple[int, int], dict] = {}
         # The saved arguments know the layout even when the last rank's folder is gone.
@@ -162,13 +145,13 @@ class LegacyReader:
             p for _, p in ranks
         )
         missing = [
-            rank_dir(0, t, p, self.pp).split("/")[1]
+            rank_dir(t, p, self.pp)
             for t in range(self.tp)
             for p in range(self.pp)
             if (t, p) not in ranks
         ]
         if missing:
-            raise CheckpointError(f"{self.iter_dir}: rank folders missing: {', '.join(missing)}")
+            raise CheckpointError(f"{self.dir}: rank folders missing: {', '.join(missing)}")
         if arch.num_layers % self.pp:
             raise CheckpointError(
                 f"{self.dir}: {arch.num_layers} layers cannot sit on {self.pp} pipeline stages"
@@ -179,13 +162,7 @@ class LegacyReader:
             self.transformer_impl = "transformer_engine"
 
     def _load(self, tp_rank: int, pp_rank: int) -> dict:
-        path = self._paths[(tp_rank, pp_rank)]
-        # Megatron-LM stores its arguments as an argparse.Namespace: allow just that.
-        with torch.serialization.safe_globals([argparse.Namespace, torch.dtype]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if "model" not in checkpoint:
-            raise CheckpointError(f"{path}: no 'model' entry")
-        return checkpoint
+        return load_legacy_file(self._paths[(tp_rank, pp_rank)])
 
     def _state(self, tp_rank: int, pp_rank: int) -> dict:
         if (tp_rank, pp_rank) not in self._states:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_kaja.checkpoint.convert import detect_format, open_mcore_checkpoint
-from megatron_kaja.checkpoint.hf import CheckpointError
+from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
+from megatron_kaja.checkpoint.safe_load import safe_globals_context, vet_torch_dist
 from megatron_kaja.models.llama.state_dict import (
     EMBEDDING,
     FINAL_NORM,
@@ -19,11 +20,16 @@ from megatron_kaja.models.llama.state_dict import (
 
 
 def load_torch_dist_weights(model, ckpt_dir: str | Path) -> None:
-    """megatron-core's own resharding load of a torch_dist checkpoint into `model`."""
+    """megatron-core's own resharding load of a torch_dist checkpoint folder into `model`.
+
+    Every pickle megatron-core will read from the folder is vetted first (`vet_torch_dist`).
+    """
     from megatron.core import dist_checkpointing
 
+    vet_torch_dist(ckpt_dir)
     sharded = model.sharded_state_dict()
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    with safe_globals_context():
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     # A training checkpoint's common state (iteration, optimizer settings, ...) comes back
     # merged in: keep the model's own entries.
     model.load_state_dict({k: v for k, v in loaded.items() if k in sharded})
@@ -68,16 +74,17 @@ def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> 
 
 
 def load_mcore_weights(model, ckpt_dir: str | Path, transformer_impl: str = "local") -> None:
-    """Load a megatron checkpoint (torch_dist or legacy, saved at any TP / PP) into `model`.
+    """Load the weights of a megatron checkpoint (torch_dist or legacy, saved at any TP / PP,
+    by this project or by Megatron-LM; a run folder or one iteration folder) into `model`.
 
+    Weights only, as Megatron-LM's `--finetune`: optimizer and RNG state are not read.
     torch_dist goes through megatron-core's dist_checkpointing (which reshards); legacy
     through the per-rank reader. The model's padded vocabulary may differ from the
-    checkpoint's: the real rows are copied and the padding is re-made.
+    checkpoint's: the rows up to the vocabulary size are copied and the padding is re-made
+    (zeros), whatever the checkpoint's padding rows hold.
     """
-    ckpt_dir = Path(ckpt_dir)
-    fmt = detect_format(ckpt_dir)
-    reader = open_mcore_checkpoint(ckpt_dir)
-    if fmt == "torch_dist" and reader.padded_vocab == model.vocab_size:
-        load_torch_dist_weights(model, ckpt_dir)
+    reader = open_mcore_checkpoint(Path(ckpt_dir))
+    if reader.location.format == "torch_dist" and reader.padded_vocab == model.vocab_size:
+        load_torch_dist_weights(model, reader.location.dir)
     else:
         load_weights_from_reader(model, reader, transformer_impl)

@@ -52,21 +52,65 @@ DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The tensor entries of a safetensors file and the byte offset where its data starts."""
+    """The tensor entries of a safetensors file and the byte offset where its data starts.
+
+    Checks the header against itself and the file's size (every entry's dtype, shape and
+    byte range, and that the file holds all the bytes the header promises), so a
+    truncated or garbled file is named when a folder is opened, not when its last tensor
+    is read.
+    """
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (too short)")
         (length,) = struct.unpack("<Q", prefix)
+        if 8 + length > size:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt safetensors header (it claims {length} bytes, "
+                f"the file holds {size})"
+            )
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    unknown = {e["dtype"] for e in header.values()} - set(DTYPES_BY_CODE)
-    if unknown:
-        raise CheckpointError(f"{path}: unsupported tensor dtypes {sorted(unknown)}")
+    data_end = 0
+    for name, entry in header.items():
+        problem = _header_entry_problem(entry)
+        if problem:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name} {problem}")
+        data_end = max(data_end, entry["data_offsets"][1])
+    if 8 + length + data_end > size:
+        raise CheckpointError(
+            f"{path}: truncated: its header places tensor data up to byte "
+            f"{8 + length + data_end}, the file holds {size}"
+        )
     return header, 8 + length
+
+
+def _header_entry_problem(entry) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        return "lacks dtype, shape or data_offsets"
+    if entry["dtype"] not in DTYPES_BY_CODE:
+        return f"has unsupported dtype {entry['dtype']!r}"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        return f"has shape {shape!r}"
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"has data_offsets {offsets!r}"
+    nbytes = math.prod(shape) * DTYPES_BY_CODE[entry["dtype"]].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        return f"spans {offsets[1] - offsets[0]} bytes, its shape and dtype need {nbytes}"
+    return None
 
 
 def read_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:

@@ -6,21 +6,27 @@ sharded keys: global, TP-unsplit tensors, with decoder layers stacked on a leadi
 `metadata.json` and `common.pt`. Any TP/PP layout loads it through
 `megatron.core.dist_checkpointing.load`.
 
-Writing goes through megatron's own translation of `ShardedTensor`s into DCP items, with
-*meta* tensors as placeholders, and a save planner that builds each layer's tensor only when
-the DCP writer asks for it (DCP's single-threaded writer resolves items one at a time), so
-the whole model is never in memory. Reading asks megatron's loader for one layer at a time.
+Writing plans the DCP items from shapes alone, exactly as megatron-core's torch_dist
+strategy would lay out this model's sharded state dict, and builds each layer's tensor only
+when DCP's single-threaded writer asks for it, so the whole model is never in memory.
+Reading loads one layer's regions at a time through DCP, with the metadata read by the
+restricted unpickler of `safe_load`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from megatron_kaja.checkpoint.hf import CheckpointError
+from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.safe_load import (
+    check_data_files,
+    load_dcp_metadata,
+    safe_filesystem_reader,
+)
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.state_dict import (
     GLOBAL_MAPPINGS,
@@ -35,59 +41,60 @@ from megatron_kaja.models.llama.state_dict import (
 GlobalTensorFn = Callable[[TensorMapping, "int | None"], torch.Tensor]
 
 
-@contextlib.contextmanager
-def _process_group():
-    """megatron's DCP translation asks for ranks: give a lone converter a world of one."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    from megatron_kaja.parallel.distributed import init_process_group
-
-    init_process_group()
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+# megatron-core's metadata.json for a torch_dist checkpoint (dist_checkpointing.core.save_config)
+TORCH_DIST_CONFIG = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
 
 
-def _meta_sharded_state_dict(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype):
-    """megatron ShardedTensors for every weight, one per layer, with *meta* placeholders: the
-    plan needs only shapes, and the real tensors are built when the writer asks for them."""
-    from megatron.core.dist_checkpointing import ShardedTensor
+def _write_plan(arch: LlamaArch, padded_vocab: int, dtype: torch.dtype, transformer_impl: str):
+    """DCP write items for every tensor and `_extra_state` object, in the order an HF
+    checkpoint stores them (the single-file writer writes in plan order, so the HF files are
+    read front to back).
 
-    sharded = {}
-    for mapping in GLOBAL_MAPPINGS:
-        shape = global_shape(mapping, arch, padded_vocab)
-        sharded[dist_key(mapping)] = ShardedTensor.from_rank_offsets(
-            dist_key(mapping), torch.empty(shape, dtype=dtype, device="meta"), replica_id=0
+    Keys, chunks and byte items are what megatron-core's torch_dist strategy makes of a
+    GPTModel's sharded state dict: a layer tensor is one chunk `[1, ...]` at offset
+    `(layer, 0, ...)` of a `[num_layers, ...]` global tensor; an `_extra_state` object is a
+    byte item `KEY/shard_{layer}_{num_layers}` (ShardedObject.unique_key).
+    """
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        MetadataIndex,
+        TensorProperties,
+    )
+    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+    def tensor_item(key: str, offsets: tuple, sizes: tuple, global_size: tuple) -> WriteItem:
+        return WriteItem(
+            index=MetadataIndex(key, torch.Size(offsets)),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
+                properties=TensorProperties(dtype=dtype),
+                size=torch.Size(global_size),
+            ),
         )
-    num_layers = arch.num_layers
-    for layer in range(num_layers):
+
+    def global_item(mapping: TensorMapping) -> WriteItem:
+        shape = global_shape(mapping, arch, padded_vocab)
+        return tensor_item(dist_key(mapping), (0,) * len(shape), shape, shape)
+
+    n = arch.num_layers
+    items = [global_item(GLOBAL_MAPPINGS[0])]
+    for layer in range(n):
         for mapping in LAYER_MAPPINGS:
             shape = global_shape(mapping, arch, padded_vocab)
-            sharded[f"{dist_key(mapping)}.{layer}"] = ShardedTensor.from_rank_offsets(
-                dist_key(mapping),
-                torch.empty(shape, dtype=dtype, device="meta"),
-                (0, layer, num_layers),
-                replica_id=0,
-                prepend_axis_num=1,
-            )
-    return sharded
-
-
-def _extra_state_objects(arch: LlamaArch, transformer_impl: str) -> dict:
-    """The per-layer `_extra_state` objects megatron's GPTModel checkpoints carry (None)."""
-    from megatron.core.dist_checkpointing import ShardedObject
-
-    objects = {}
+            offsets = (layer,) + (0,) * len(shape)
+            items.append(tensor_item(dist_key(mapping), offsets, (1, *shape), (n, *shape)))
+    items += [global_item(m) for m in GLOBAL_MAPPINGS[1:]]
     for module in LAYER_EXTRA_STATE_MODULES[transformer_impl]:
-        key = f"decoder.layers.{module}._extra_state"
-        for layer in range(arch.num_layers):
-            obj = ShardedObject(key, None, (arch.num_layers,), (layer,), replica_id=0)
-            objects[obj.unique_key] = obj
-    return objects
+        for layer in range(n):
+            key = f"decoder.layers.{module}._extra_state/shard_{layer}_{n}"
+            items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
+    return items
 
 
 def write_torch_dist(
@@ -99,25 +106,35 @@ def write_torch_dist(
     transformer_impl: str = "local",
     common: dict | None = None,
 ) -> None:
-    """Write a torch_dist checkpoint whose tensors come from `global_tensor`, one at a time."""
+    """Write a torch_dist checkpoint whose tensors come from `global_tensor`, one at a time.
+
+    Goes through torch's DCP writer directly (no megatron-core import, no process group:
+    both cost seconds before the first byte moves); what it writes is what megatron-core
+    writes for this model, which the tests check by loading it with
+    `megatron.core.dist_checkpointing.load`.
+    """
+    import io
+
     import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
 
     by_key = {dist_key(m): m for m in (*GLOBAL_MAPPINGS, *LAYER_MAPPINGS)}
+    items = _write_plan(arch, padded_vocab, dtype, transformer_impl)
 
-    class LazyGlobalTensorPlanner(MCoreSavePlanner):
-        """Builds each tensor when the writer reaches it, instead of holding them all."""
+    class LazyGlobalTensorPlanner(DefaultSavePlanner):
+        """Plans from shapes alone; builds each tensor when the writer reaches it."""
+
+        def create_local_plan(self) -> SavePlan:
+            self.plan = SavePlan(items)
+            return self.plan
 
         def resolve_data(self, write_item):
             if write_item.type == WriteItemType.BYTE_IO:
-                return super().resolve_data(write_item)
+                buffer = io.BytesIO()
+                # megatron-core stores a list of the objects' data; the local spec's is None
+                torch.save([None], buffer)
+                return buffer
             mapping = by_key[write_item.index.fqn]
             layer = write_item.index.offset[0] if mapping in LAYER_MAPPINGS else None
             tensor = global_tensor(mapping, layer)
@@ -128,30 +145,24 @@ def write_torch_dist(
                 raise RuntimeError(f"{mapping.te}: built {tuple(tensor.shape)}, planned {expected}")
             return tensor.to(dtype).contiguous()
 
-    sharded = _meta_sharded_state_dict(arch, padded_vocab, dtype)
-    sharded.update(_extra_state_objects(arch, transformer_impl))
-    grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _process_group():
-        pyt_state_dict = mcore_to_pyt_state_dict(grouped, is_loading=False)
-        dcp.save(
-            pyt_state_dict,
-            storage_writer=dcp.FileSystemWriter(out_dir, thread_count=1, single_file_per_rank=True),
-            planner=LazyGlobalTensorPlanner(can_run_decentralized_global_plan=False),
-        )
-    torch.save(common or {}, out_dir / COMMON_STATE_FNAME)
-    save_config(CheckpointingConfig(sharded_backend="torch_dist"), str(out_dir))
+    dcp.save(
+        {},
+        storage_writer=dcp.FileSystemWriter(out_dir, thread_count=1, single_file_per_rank=True),
+        planner=LazyGlobalTensorPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+        no_dist=True,
+    )
+    torch.save(common or {}, out_dir / "common.pt")
+    (out_dir / "metadata.json").write_text(json.dumps(TORCH_DIST_CONFIG), encoding="utf-8")
 
 
 class TorchDistReader:
     """Reads the global tensors of an llm-jp-3 torch_dist checkpoint one layer at a time."""
 
     def __init__(self, ckpt_dir: Path, arch: LlamaArch):
-        from torch.distributed.checkpoint import FileSystemReader
-
         self.dir = Path(ckpt_dir)
         self.arch = arch
-        metadata = FileSystemReader(self.dir).read_metadata()
+        metadata = load_dcp_metadata(self.dir)
         self.shapes = {
             k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")
         }
@@ -160,14 +171,7 @@ class TorchDistReader:
             for k, v in metadata.state_dict_metadata.items()
             if hasattr(v, "properties")
         }
-        # Bytes each data file must hold, so a missing or truncated .distcp file is reported
-        # when the checkpoint is opened rather than when its tensors are first read.
-        self.file_sizes: dict[str, int] = {}
-        for info in metadata.storage_data.values():
-            end = info.offset + info.length
-            self.file_sizes[info.relative_path] = max(
-                self.file_sizes.get(info.relative_path, 0), end
-            )
+        self._metadata = metadata
         if dist_key(GLOBAL_MAPPINGS[0]) not in self.shapes:
             raise CheckpointError(f"{self.dir}: no {dist_key(GLOBAL_MAPPINGS[0])} tensor")
         self.padded_vocab = self.shapes[dist_key(GLOBAL_MAPPINGS[0])][0]
@@ -175,15 +179,8 @@ class TorchDistReader:
     def validate(self) -> None:
         """Raise CheckpointError naming missing or truncated files, missing or misshapen
         tensors."""
+        check_data_files(self.dir, self._metadata)
         problems = []
-        for name, size in sorted(self.file_sizes.items()):
-            path = self.dir / name
-            if not path.is_file():
-                problems.append(f"data file {name} is missing")
-            elif path.stat().st_size < size:
-                problems.append(
-                    f"data file {name} is truncated ({path.stat().st_size} of {size} bytes)"
-                )
         for mapping in (*GLOBAL_MAPPINGS, *LAYER_MAPPINGS):
             key = dist_key(mapping)
             shape = global_shape(mapping, self.arch, self.padded_vocab)
@@ -228,7 +225,12 @@ class TorchDistReader:
         out = {
             key: torch.empty(sizes, dtype=self.dtypes[key]) for key, (_, sizes) in regions.items()
         }
-        dcp.load(out, checkpoint_id=self.dir, planner=RegionLoadPlanner(), no_dist=True)
+        dcp.load(
+            out,
+            storage_reader=safe_filesystem_reader(self.dir),
+            planner=RegionLoadPlanner(),
+            no_dist=True,
+        )
         return out
 
     def load_global(self, mapping: TensorMapping) -> torch.Tensor:

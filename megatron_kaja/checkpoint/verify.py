@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -54,7 +56,7 @@ def compare_case(case: dict, num_tokens: int = 24) -> dict | None:
     }
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf")
     parser.add_argument("--mcore")
@@ -69,8 +71,17 @@ def main(argv=None) -> None:
         cases = [dict(hf=args.hf, mcore=args.mcore, tp=args.tp, pp=args.pp, name="check")]
     else:
         parser.error("give --hf and --mcore, or --cases")
+    from megatron_kaja.checkpoint import CheckpointError
+    from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
     from megatron_kaja.parallel.distributed import destroy_model_parallel, init_process_group
 
+    try:  # every checkpoint opened (and vetted) before any process group or model exists
+        for case in cases:
+            open_mcore_checkpoint(case["mcore"])
+    except CheckpointError as exc:
+        if os.environ.get("RANK", "0") == "0":  # one line from rank 0; the others exit quietly
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     init_process_group()
     results = []
     for case in cases:
@@ -91,7 +102,8 @@ def main(argv=None) -> None:
             with open(args.out, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in flat)
     destroy_model_parallel()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -40,6 +40,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_kaja.checkpoint.convert import McoreCheckpointMeta
+from megatron_kaja.checkpoint.safe_load import (
+    load_common_state,
+    safe_globals_context,
+    vet_torch_dist,
+)
 from megatron_kaja.training.bnb_optimizer import BNB_OPTIMIZERS
 from megatron_kaja.training.errors import ConfigError
 
@@ -146,11 +151,9 @@ def latest_checkpoint(root: Path) -> tuple[int, str | None] | None:
     ckpt = iteration_dir(root, iteration)
     if not (ckpt / "common.pt").is_file():
         return None  # a legacy (converted) checkpoint or a foreign layout: not a training run
-    from megatron.core.dist_checkpointing import load_common_state_dict
-
-    common = load_common_state_dict(str(ckpt))
-    if "iteration" not in common:
-        return None
+    common = load_common_state(ckpt)
+    if "iteration" not in common or "sampler" not in common:
+        return None  # a converted checkpoint or a Megatron-LM run: weights to start from
     return iteration, common.get("run_kind")
 
 
@@ -409,13 +412,13 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing import load_common_state_dict
 
     iteration = latest_iteration(root, run_kind)
     if iteration is None:
         raise FileNotFoundError(f"{root}: no {run_kind or 'training'} checkpoint to resume")
     ckpt = iteration_dir(root, iteration)
-    common = load_common_state_dict(str(ckpt))
+    vet_torch_dist(ckpt)  # every pickle megatron-core reads below, through allowlists first
+    common = load_common_state(ckpt)
     check_optimizer_resumable(ckpt, common.get("optimizer_info"), _optimizer_info(stack))
     megatron_optimizer = stack.optimizer_kind == "adam"
     if megatron_optimizer:
@@ -428,7 +431,8 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     same_world = common.get("world_size") == dist.get_world_size()
     if same_world:
         template["rng_state"] = _rng_object()
-    loaded = dist_checkpointing.load(template, str(ckpt))
+    with safe_globals_context():
+        loaded = dist_checkpointing.load(template, str(ckpt))
     stack.model.load_state_dict(loaded["model"])
     if megatron_optimizer:
         # The fp32 main params come from the checkpoint, not from the loaded weights: no

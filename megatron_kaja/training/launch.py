@@ -109,19 +109,23 @@ def world_size_for_plan(
 def resolve_architecture(load: Path | None, settings: LaunchSettings) -> tuple[LlamaArch, str]:
     """The architecture of `--load` when it is on this machine (a converted checkpoint, a
     training run or an HF folder), else of `--model-preset`; they must agree when both are."""
+    from megatron_kaja.checkpoint import CheckpointError
     from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
     from megatron_kaja.training import checkpointing
 
     if load is not None and Path(load).exists():
         load = Path(load)
-        latest = checkpointing.latest_iteration(load)
-        if latest is not None:
-            arch = open_mcore_checkpoint(checkpointing.iteration_dir(load, latest)).arch
-            source = f"training run {load} (iteration {latest})"
-        elif (load / "config.json").is_file() and not (load / "megatron_kaja.json").is_file():
-            arch, source = LlamaArch.from_hf_config(load), f"HF config {load / 'config.json'}"
-        else:
-            arch, source = open_mcore_checkpoint(load).arch, f"checkpoint {load}"
+        try:
+            latest = checkpointing.latest_iteration(load)
+            if latest is not None:
+                arch = open_mcore_checkpoint(checkpointing.iteration_dir(load, latest)).arch
+                source = f"training run {load} (iteration {latest})"
+            elif (load / "config.json").is_file() and not (load / "megatron_kaja.json").is_file():
+                arch, source = LlamaArch.from_hf_config(load), f"HF config {load / 'config.json'}"
+            else:
+                arch, source = open_mcore_checkpoint(load).arch, f"checkpoint {load}"
+        except CheckpointError as exc:
+            raise ConfigError(f"--load {load}: {exc}") from None
         settings.check_preset(arch, source)
         return arch, source
     if settings.model_preset is not None:

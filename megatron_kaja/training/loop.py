@@ -114,6 +114,7 @@ def resolve_model_source(cfg: RunSettings, run_kind: str) -> ModelSource:
       kind (resumed: weights, optimizer, schedule, data position, RNG) or a run of the other
       kind (its latest weights: GRPO starts from an SFT run's folder).
     """
+    from megatron_kaja.checkpoint import CheckpointError
     from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
 
     if cfg.load is None:
@@ -128,16 +129,19 @@ def resolve_model_source(cfg: RunSettings, run_kind: str) -> ModelSource:
             f"--save {cfg.save} already holds a checkpoint (iteration {saved[0]} of a "
             f"{saved[1]} run): {hint}choose another --save, or pass --overwrite to replace it"
         )
-    found = checkpointing.latest_checkpoint(cfg.load)
-    if resume_from is None and found is not None and found[1] == run_kind:
-        resume_from = Path(cfg.load)
-    if resume_from is not None:
-        weights = checkpointing.iteration_dir(
-            resume_from, checkpointing.latest_iteration(resume_from)
-        )
-    else:
-        weights = checkpointing.iteration_dir(cfg.load, found[0]) if found else Path(cfg.load)
-    reader = open_mcore_checkpoint(weights)
+    try:
+        found = checkpointing.latest_checkpoint(cfg.load)
+        if resume_from is None and found is not None and found[1] == run_kind:
+            resume_from = Path(cfg.load)
+        if resume_from is not None:
+            weights = checkpointing.iteration_dir(
+                resume_from, checkpointing.latest_iteration(resume_from)
+            )
+        else:
+            weights = checkpointing.iteration_dir(cfg.load, found[0]) if found else Path(cfg.load)
+        reader = open_mcore_checkpoint(weights)
+    except CheckpointError as exc:
+        raise ConfigError(f"--load {cfg.load}: {exc}") from None
     return ModelSource(reader.arch, reader.padded_vocab, Path(weights), resume_from)
 
 

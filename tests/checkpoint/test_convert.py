@@ -207,8 +207,15 @@ def test_mcore_to_hf_bad_inputs(tiny_hf_dir, tmp_path):
     mc = tmp_path / "mc"
     hf_to_mcore(tiny_hf_dir, mc, fmt="legacy", tensor_parallel_size=2, progress=False)
     (mc / "megatron_kaja.json").unlink()
+    # Without megatron_kaja.json the Megatron-LM args in the rank files describe the model;
+    # a checkpoint without either needs the template.
+    no_args = _copy(mc, tmp_path / "no_args")
+    for path in no_args.glob("iter_0000000/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        del state["args"]
+        torch.save(state, path)
     with pytest.raises(CheckpointError, match="pass --hf-template"):
-        mcore_to_hf(mc, tmp_path / "o", progress=False)
+        mcore_to_hf(no_args, tmp_path / "o", progress=False)
     shutil.rmtree(mc / "iter_0000000" / "mp_rank_01")
     with pytest.raises(CheckpointError, match="rank folders missing: mp_rank_01"):
         mcore_to_hf(mc, tmp_path / "o", hf_template=tiny_hf_dir, progress=False)

@@ -114,11 +114,15 @@ def test_mixed_hf_and_megatron_inputs(
 def test_cli_merges_a_megatron_lm_checkpoint_with_hf_template(
     tmp_path, fmt, merge_models, megatron_models, capsys
 ):
-    """A checkpoint without megatron_kaja.json (as Megatron-LM writes) needs
+    """A checkpoint carrying neither megatron_kaja.json nor Megatron-LM args needs
     --hf-template, and then merges like the HF folder it came from."""
     foreign = tmp_path / "megatron_lm"
     shutil.copytree(megatron_models[(fmt, "a")], foreign)
     (foreign / "megatron_kaja.json").unlink()
+    for path in [*foreign.glob("iter_*/common.pt"), *foreign.glob("iter_*/mp_rank_*/*.pt")]:
+        state = torch.load(path, weights_only=False)
+        del state["args"]
+        torch.save(state, path)
     argv = ["--method", "linear", "--models", str(merge_models["base"]), str(foreign)]
     argv += ["--weights", "0.25", "0.75", "--no-progress"]
     assert merge_cli.main([*argv, "--out", str(tmp_path / "no_template")]) == 2
@@ -189,7 +193,7 @@ def test_legacy_folder_missing_a_rank(tmp_path, merge_models, megatron_models):
 def test_torch_dist_folder_with_truncated_data(tmp_path, merge_models, megatron_models):
     broken = tmp_path / "mcore"
     shutil.copytree(megatron_models[("torch_dist", "b")], broken)
-    (data,) = broken.glob("*.distcp")
+    (data,) = broken.glob("iter_0000000/*.distcp")
     data.write_bytes(data.read_bytes()[:1000])
     assert_merge_fails(tmp_path, merge_models, broken, rf"data file {data.name} is truncated")
 
@@ -197,7 +201,7 @@ def test_torch_dist_folder_with_truncated_data(tmp_path, merge_models, megatron_
 def test_torch_dist_folder_without_its_metadata(tmp_path, merge_models, megatron_models):
     broken = tmp_path / "mcore"
     shutil.copytree(megatron_models[("torch_dist", "b")], broken)
-    (broken / ".metadata").unlink()
+    (broken / "iter_0000000" / ".metadata").unlink()
     assert_merge_fails(tmp_path, merge_models, broken, "neither a torch_dist checkpoint")
 
 
