@@ -100,8 +100,8 @@ def locate_checkpoint(path: str | Path) -> CheckpointLocation:
         fmt = folder_format(ckpt_dir)
         if fmt is None:
             raise CheckpointError(
-                f"{ckpt_dir}: no mp_rank_*/{LEGACY_FILE} files (legacy) and no metadata.json + "
-                ".metadata (torch_dist)"
+                f"{ckpt_dir}: no mp_rank_*/{LEGACY_FILE} files: neither a torch_dist checkpoint "
+                "(metadata.json + .metadata) nor a legacy one"
             )
         return CheckpointLocation(ckpt_dir, fmt, iteration)
     fmt = folder_format(path)

@@ -5,7 +5,9 @@
     DIR/iter_0000000/mp_rank_00_000/model_optim_rng.pt      (PP > 1: TP rank, PP rank)
 
 Each file holds `{"model": <one rank's GPTModel state dict>, "checkpoint_version": 3.0,
-"iteration": N, "args": Namespace(...)}`; layer numbers are local to the pipeline stage.
+"iteration": N, "num_floating_point_operations_so_far": 0, "args": Namespace(...)}` (see
+`megatron_args`); layer numbers are local to the pipeline stage. Files from Megatron-LM also
+hold optimizer, scheduler and RNG state, which the reader ignores.
 A rank's file holds that rank's slice, so writing needs one rank's weights in memory.
 """
 
