@@ -43,6 +43,15 @@ def megatron_safe_globals() -> list:
     return [*_BASE_GLOBALS, *SAFE_GLOBALS]
 
 
+def _allowing(classes: list):
+    """torch's allowlist extended with `classes` for the block. torch's own `safe_globals`
+    removes its classes on exit even when they were registered before (megatron-core registers
+    its list at import), which would break megatron-core's later loads in this process: only
+    the classes not yet allowed are added and removed."""
+    registered = torch.serialization.get_safe_globals()
+    return torch.serialization.safe_globals([c for c in classes if c not in registered])
+
+
 def torch_load_safe(source: str | Path | bytes, what: str, *, mmap: bool = False):
     """`torch.load(weights_only=True)` with megatron-core's allowlist; `what` names the file
     (or the item) in the error when it holds anything else."""
@@ -50,7 +59,7 @@ def torch_load_safe(source: str | Path | bytes, what: str, *, mmap: bool = False
     for allowed in (lambda: _BASE_GLOBALS, megatron_safe_globals):
         stream = io.BytesIO(source) if isinstance(source, bytes) else source
         try:
-            with torch.serialization.safe_globals(allowed()):
+            with _allowing(allowed()):
                 return torch.load(stream, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
             last_error = exc
@@ -220,4 +229,4 @@ def vet_torch_dist(ckpt_dir: str | Path) -> None:
 def safe_globals_context():
     """torch's allowlist extended with megatron-core's classes, for loads megatron-core
     makes itself (common.pt), after `vet_torch_dist` has checked the folder."""
-    return torch.serialization.safe_globals(megatron_safe_globals())
+    return _allowing(megatron_safe_globals())

@@ -114,12 +114,14 @@ def resolve_model_source(cfg: RunSettings, run_kind: str) -> ModelSource:
       kind (resumed: weights, optimizer, schedule, data position, RNG) or a run of the other
       kind (its latest weights: GRPO starts from an SFT run's folder).
     """
-    from megatron_kaja.checkpoint import CheckpointError
     from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
 
     if cfg.load is None:
         raise ConfigError("--load is required: training starts from a converted checkpoint")
-    saved = checkpointing.latest_checkpoint(cfg.save) if cfg.save is not None else None
+    try:
+        saved = checkpointing.latest_checkpoint(cfg.save) if cfg.save is not None else None
+    except CheckpointError as exc:
+        raise ConfigError(f"--save {cfg.save}: {exc}") from None
     resume_from = None
     if saved is not None and saved[1] == run_kind and cfg.auto_resume:
         resume_from = Path(cfg.save)

@@ -30,6 +30,11 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
+def _load_only(path):
+    """The settings `resolve_model_source` reads, for a run that only names --load."""
+    return SimpleNamespace(load=path, save=None, auto_resume=True, overwrite=False)
+
+
 @pytest.fixture(scope="module")
 def clean_run(tiny_hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile") / "mc"
@@ -94,10 +99,10 @@ def test_every_entry_point_refuses_a_planted_pickle(
     from megatron_kaja.models.llama.config import LlamaArch
     from megatron_kaja.models.llama.model import build_gpt_model
     from megatron_kaja.training.config import ConfigError
-    from megatron_kaja.training.sft import resolve_model_source
+    from megatron_kaja.training.loop import resolve_model_source
 
     with pytest.raises(ConfigError, match="refused to load"):
-        resolve_model_source(SimpleNamespace(load=bad), "sft")
+        resolve_model_source(_load_only(bad), "sft")
     with pytest.raises(CheckpointError, match="refused to load"):
         load_mcore_weights(build_gpt_model(LlamaArch.from_hf_config(tiny_hf_dir)), bad)
     assert not marker.exists()
@@ -132,7 +137,7 @@ def test_a_planted_byte_item_is_refused(clean_run, tmp_path, megatron_world):
 
 def test_corrupt_tracker_is_named(clean_run, tmp_path, tiny_hf_dir):
     from megatron_kaja.training.config import ConfigError
-    from megatron_kaja.training.sft import resolve_model_source
+    from megatron_kaja.training.loop import resolve_model_source
 
     bad = tmp_path / "bad"
     shutil.copytree(clean_run, bad)
@@ -141,7 +146,7 @@ def test_corrupt_tracker_is_named(clean_run, tmp_path, tiny_hf_dir):
     with pytest.raises(CheckpointError, match=match):
         mcore_to_hf(bad, tmp_path / "hf", progress=False)
     with pytest.raises(ConfigError, match=match):
-        resolve_model_source(SimpleNamespace(load=bad), "sft")
+        resolve_model_source(_load_only(bad), "sft")
     (bad / "latest_checkpointed_iteration.txt").write_text("5")
     with pytest.raises(CheckpointError, match="names iter_0000005, which is missing"):
         mcore_to_hf(bad, tmp_path / "hf", progress=False)
@@ -190,3 +195,20 @@ def test_truncated_or_corrupt_safetensors_is_named_before_converting(
     with pytest.raises(CheckpointError, match=f"corrupt safetensors header: tensor {name} spans"):
         hf_to_mcore(garbled, tmp_path / "o3", progress=False)
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_safe_loads_keep_megatron_cores_allowlist(tmp_path):
+    """A safe load leaves torch's allowlist as it found it: megatron-core registers its classes
+    at import, and its own common-state loads need them afterwards."""
+    import argparse
+
+    import megatron.core  # noqa: F401  (registers megatron-core's safe globals)
+
+    from megatron_kaja.checkpoint.safe_load import torch_load_safe
+
+    before = torch.serialization.get_safe_globals()
+    assert argparse.Namespace in before
+    path = tmp_path / "common.pt"
+    torch.save({"args": argparse.Namespace(num_layers=2)}, path)
+    assert torch_load_safe(path, str(path))["args"].num_layers == 2
+    assert torch.serialization.get_safe_globals() == before

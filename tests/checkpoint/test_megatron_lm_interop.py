@@ -29,6 +29,11 @@ from tests.helpers import REPO, run_torchrun
 FORMATS = ("legacy", "torch_dist")
 
 
+def _load_only(path):
+    """The settings `resolve_model_source` reads, for a run that only names --load."""
+    return SimpleNamespace(load=path, save=None, auto_resume=True, overwrite=False)
+
+
 @pytest.fixture(scope="module")
 def megatron_lm_runs(tiny_hf_dir, tmp_path_factory):
     """{format: Megatron-LM run folder} of the tiny HF model, saved at TP=2 x PP=2."""
@@ -140,12 +145,11 @@ def test_trainers_load_megatron_lm_runs_as_weights(
     """`--load` of a Megatron-LM run starts from its weights (its --finetune): no resume."""
     from megatron_kaja.checkpoint.loading import load_mcore_weights
     from megatron_kaja.models.llama.model import build_gpt_model
-    from megatron_kaja.training.sft import resolve_model_source
+    from megatron_kaja.training.loop import resolve_model_source
 
-    arch, padded, resume, weights = resolve_model_source(
-        SimpleNamespace(load=megatron_lm_runs[fmt]), "sft"
-    )
-    assert not resume and padded == 512
+    source = resolve_model_source(_load_only(megatron_lm_runs[fmt]), "sft")
+    arch, padded, weights = source.arch, source.padded_vocab, source.weights
+    assert source.resume_from is None and padded == 512
     assert arch.num_layers == LlamaArch.from_hf_config(tiny_hf_dir).num_layers
     model = build_gpt_model(arch)
     load_mcore_weights(model, weights)
