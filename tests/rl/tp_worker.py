@@ -19,6 +19,7 @@ from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.export import hf_weight_groups
 from megatron_kaja.models.llama.model import build_gpt_model
 from megatron_kaja.parallel.distributed import (
+    compute_device,
     current_layout,
     destroy_model_parallel,
     init_process_group,
@@ -36,13 +37,14 @@ PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 99, 17], [1, 300, 301, 302, 12]]
 
 def logprobs_of_fixed_tokens(model, arch) -> torch.Tensor:
     tokens = torch.randint(8, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(compute_device())  # the model's inputs live on its device
     valid = torch.ones_like(tokens, dtype=torch.bool)
     valid[1, :3] = False  # a left-padded row
     model.eval()
     with torch.no_grad():
         logits = model(
             tokens[:, :-1],
-            torch.arange(11).expand(2, 11),
+            torch.arange(11, device=tokens.device).expand(2, 11),
             causal_padding_mask(valid[:, :-1]),
         )
     return token_logprobs(logits, tokens[:, 1:], temperature=0.9, vocab_size=arch.vocab_size)
@@ -67,7 +69,7 @@ def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
         model,
         PROMPTS * 4,
         SamplingParams(10, temperature=0.8, top_p=0.9),
-        generator=torch.Generator().manual_seed(3),
+        generator=torch.Generator(device=compute_device()).manual_seed(3),
         **common,
     )
     result["sampled"] = sampled.response_ids.tolist()
@@ -79,11 +81,11 @@ def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
         original.update(load_file(path))
     exported = dict(pair for group in hf_weight_groups(model, arch) for pair in group)
     result["export_matches_hf"] = set(exported) == set(original) and all(
-        torch.equal(t, original[n].to(t.dtype)) for n, t in exported.items()
+        torch.equal(t, original[n].to(t)) for n, t in exported.items()
     )
     engine = HFEngine(
         arch, eos_token_id=arch.eos_token_id, pad_token_id=4, dtype=torch.float32,
-        device=torch.device("cpu"),
+        device=compute_device(),
     )  # fmt: skip
     engine.load_weights(model)
     result["hf_engine_greedy"] = engine.generate(
@@ -108,7 +110,7 @@ def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
         reward,
         config,
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=compute_device()).manual_seed(0),
         **common,
     )
     result["step"] = {k: metrics[k] for k in ("reward_mean", "loss", "kl", "response_len_mean")}
@@ -133,7 +135,7 @@ def run_pipeline(pp: int, hf_dir: str, mcore_dir: str) -> dict:
     greedy = generate(model, PROMPTS, SamplingParams(10, temperature=0.0), **common)
     sampled = generate(
         model, PROMPTS * 4, SamplingParams(10, temperature=0.8, top_p=0.9),
-        generator=torch.Generator().manual_seed(3), **common,
+        generator=torch.Generator(device=compute_device()).manual_seed(3), **common,
     )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(hf_dir)
     prompts = [
@@ -160,7 +162,7 @@ def run_pipeline(pp: int, hf_dir: str, mcore_dir: str) -> dict:
     metrics = grpo_step(
         model, ref, opt, itertools.cycle(prompts), reward, config,
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-        generator=torch.Generator().manual_seed(0), **common,
+        generator=torch.Generator(device=compute_device()).manual_seed(0), **common,
     )  # fmt: skip
     result = {
         "greedy": greedy.response_ids.tolist(),
