@@ -11,7 +11,8 @@
 Rerunning the same command after a stop (even `kill -9`) continues where it stopped.
 Writes OUT (pairs in TRL's schema with both scores and the judge), OUT's
 `.rejected.jsonl` (prompts dropped, with the reason) and `.summary.json` beside it.
-Exit codes: 0 done, 1 nothing could be judged (servers failing), 2 bad settings or input.
+Exit codes: 0 done, 1 nothing could be judged (servers failing) or a dry run found files
+missing, 2 bad settings or input.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_kaja.preference.pairs import PairConfig, make_preference_pairs
+from megatron_kaja.preference.pairs import PairConfig, make_preference_pairs, plan_pairs
 from megatron_kaja.training.loop import USER_ERRORS
 from megatron_kaja.training.settings import load_config
 
@@ -31,7 +32,10 @@ from megatron_kaja.training.settings import load_config
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        summary = make_preference_pairs(load_config(argv, PairConfig))
+        cfg = load_config(argv, PairConfig)
+        if cfg.dry_run:
+            return plan_pairs(cfg)
+        summary = make_preference_pairs(cfg)
     except (*USER_ERRORS, RuntimeError) as exc:  # RuntimeError: OUT is locked by another run
         logging.getLogger("megatron_kaja.pairs").error("%s", exc)
         return 2

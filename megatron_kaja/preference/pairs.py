@@ -55,6 +55,12 @@ class PairSettings(BaseModel):
     prompts_per_batch: int = Field(
         default=8, gt=0, description="prompts whose answers are generated and judged together"
     )
+    dry_run: bool = Field(
+        default=False, description="check settings and prompt files, send nothing, exit"
+    )
+    allow_missing_files: bool = Field(
+        default=False, description="dry run: list files absent here instead of failing"
+    )
 
 
 class GeneratorSettings(BaseModel):
@@ -257,6 +263,28 @@ class PairMaker:
             "margin": self.cfg.margin,
             "elapsed_s": round(time.monotonic() - self.started, 1),
         }
+
+
+def plan_pairs(cfg: PairConfig) -> int:
+    """`--dry-run`: the settings and the prompt files (read through the same validators);
+    no request is sent. 0 when the run can start, 1 when files are missing."""
+    from megatron_kaja.recipe import dry_run_result, report_files
+
+    print("dry run: tools/make_preference_data.py (no request is sent)")
+    print(
+        f"policy: {cfg.backend} {cfg.model} at {cfg.base_url}; {cfg.num_samples} answers per "
+        f"prompt, T={cfg.temperature} top-p {cfg.top_p}, <= {cfg.max_tokens} tokens"
+    )
+    print(
+        f"judge: {cfg.judge_backend} {cfg.judge_model} at {cfg.judge_base_url} ({cfg.judge_mode}); "
+        f"rubrics {REWARD_RUBRIC_BY_KIND}; pairs kept at a score gap >= {cfg.margin}"
+    )
+    paths = [spec.rpartition(":")[0] for spec in cfg.prompts]
+    missing = report_files([("--prompts", path) for path in paths])
+    present = [spec for spec, path in zip(cfg.prompts, paths, strict=True) if Path(path).exists()]
+    if present:
+        print(f"prompts: {len(read_prompts(present))} (distinct) in the files found")
+    return dry_run_result(missing, cfg.allow_missing_files)
 
 
 def make_preference_pairs(cfg: PairConfig) -> dict:
