@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from pydantic import Field, model_validator
 
-from megatron_kaja.data import PackedRowSampler, parse_weighted_paths
+from megatron_kaja.data import parse_weighted_paths
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
 from megatron_kaja.preference.data import build_preference_dataset, collate_pairs
@@ -33,7 +33,15 @@ from megatron_kaja.preference.losses import (
     preference_loss_names,
     reward_stats,
 )
-from megatron_kaja.training.loop import Run, Trainer, device_batch, rank0_first, run_training
+from megatron_kaja.training.loop import (
+    Run,
+    Trainer,
+    data_sampler,
+    device_batch,
+    rank0_first,
+    run_training,
+    validation_sampler,
+)
 from megatron_kaja.training.loop import main as run_main
 from megatron_kaja.training.metrics import Throughput
 from megatron_kaja.training.settings import RunSettings
@@ -196,14 +204,7 @@ class DPOTrainer(Trainer):
         self.train_set = rank0_first(lambda: read(cfg.train_data))
         self.valid_set = rank0_first(lambda: read(cfg.valid_data)) if cfg.valid_data else None
         self.dp = run.layout.data_parallel_size
-        self.sampler = PackedRowSampler(
-            len(self.train_set),
-            cfg.micro_batch_size,
-            cfg.global_batch_size,
-            run.layout.dp_rank,
-            self.dp,
-            seed=cfg.seed,
-        )
+        self.sampler = data_sampler(run, len(self.train_set))
         return cfg.train_iters or cfg.train_epochs * self.sampler.global_batches_per_epoch
 
     def start(self, run: Run, resumed: dict | None) -> None:
@@ -329,18 +330,7 @@ class DPOTrainer(Trainer):
 
     def evaluate(self, run: Run) -> dict:
         """Loss, reward accuracy and margin over up to `eval_iters` held-out global batches."""
-        cfg = run.cfg
-        unit = cfg.micro_batch_size * self.dp
-        batch = min(cfg.global_batch_size, len(self.valid_set) // unit * unit)
-        if batch == 0:
-            from megatron_kaja.training.errors import ConfigError
-
-            raise ConfigError(f"--valid-data has {len(self.valid_set)} pairs, fewer than {unit}")
-        sampler = PackedRowSampler(
-            len(self.valid_set), cfg.micro_batch_size, batch, run.layout.dp_rank, self.dp, cfg.seed
-        )
-        steps = min(cfg.eval_iters, sampler.global_batches_per_epoch)
-        per_rank = batch // unit
+        sampler, steps, per_rank = validation_sampler(run, len(self.valid_set), "pairs")
         it = iter(sampler)
         totals: dict[str, float] = {}
         with torch.no_grad():
