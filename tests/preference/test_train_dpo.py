@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 
-from megatron_kaja.checkpoint.convert import hf_to_mcore, open_mcore_checkpoint
-from megatron_kaja.models.llama.state_dict import GLOBAL_MAPPINGS
+from megatron_kaja.checkpoint.convert import hf_to_mcore
 from megatron_kaja.preference.trainer import main as dpo_main
-from tests.helpers import REPO, run_torchrun
+from tests.helpers import REPO, checkpoint_weights, run_torchrun
 
 WORKER = REPO / "tests" / "helpers_train_worker.py"
 STEPS = 4
@@ -57,14 +56,6 @@ def _args(root, tiny_hf_dir, out, *extra):
 
 def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _weights(ckpt):
-    reader = open_mcore_checkpoint(ckpt)
-    out = {m.te: reader.load_global(m) for m in GLOBAL_MAPPINGS}
-    for layer in range(reader.arch.num_layers):
-        out.update({f"{m.te}.{layer}": t for m, t in reader.load_layer(layer).items()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +125,8 @@ def test_rerun_of_the_same_command_resumes_bitwise(runs):
     full = _metrics(runs / "tp1" / "metrics.jsonl")
     assert [[m[k] for k in keys] for m in part1 + resumed] == [[m[k] for k in keys] for m in full]
     a, b = (
-        _weights(runs / "tp1" / f"iter_{STEPS:07d}"),
-        _weights(runs / "resumed" / f"iter_{STEPS:07d}"),
+        checkpoint_weights(runs / "tp1" / f"iter_{STEPS:07d}"),
+        checkpoint_weights(runs / "resumed" / f"iter_{STEPS:07d}"),
     )
     for key, tensor in a.items():
         assert torch.equal(tensor, b[key]), key
