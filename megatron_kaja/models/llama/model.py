@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megatron_kaja.extras import is_available, require
 from megatron_kaja.models.llama.config import LlamaArch, padded_vocab_size, transformer_config
+from megatron_kaja.models.llama.norm import RMSNorm, with_rmsnorm
 
 TRANSFORMER_IMPLS = ("local", "sdpa", "transformer_engine")
 
@@ -19,19 +20,44 @@ def default_transformer_impl() -> str:
 
 
 def layer_spec(transformer_impl: str = "local"):
-    """The megatron-core `ModuleSpec` of one llm-jp-3 decoder layer."""
+    """The megatron-core `ModuleSpec` of one llm-jp-3 decoder layer.
+
+    `local` and `sdpa` build their norms as our `RMSNorm` (which supports sequence
+    parallelism; megatron-core's torch fallback does not), transformer-engine its own.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if transformer_impl == "local":
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return with_rmsnorm(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
     if transformer_impl == "sdpa":
         from megatron_kaja.models.llama.sdpa import sdpa_layer_spec
 
-        return sdpa_layer_spec()
+        return with_rmsnorm(sdpa_layer_spec())
     if transformer_impl == "transformer_engine":
         require("transformer_engine", "the transformer-engine layer spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     raise ValueError(f"transformer impl {transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
+
+
+def block_spec(transformer_impl: str, config, vp_stage: int | None = None):
+    """The decoder block of this rank's pipeline stage (model chunk `vp_stage`): its layers
+    and the final norm. Given a bare layer spec megatron-core picks the final norm itself
+    (TE's, apex's, or the torch fallback that refuses sequence parallelism), so the block
+    names it: our `RMSNorm` for `local` / `sdpa`."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = layer_spec(transformer_impl)
+    if transformer_impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = RMSNorm
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm)
 
 
 def build_gpt_model(
@@ -42,29 +68,42 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vocab_size_override: int | None = None,
+    vp_stage: int | None = None,
     **config_kwargs,
 ):
     """Build this rank's stage of the model; megatron parallel state must be initialized.
 
-    `config_kwargs` go to `transformer_config` (bf16, recompute, dropout, ...). The TP and
-    PP sizes come from the initialized parallel state. The padded vocabulary is Megatron's
-    rule unless `vocab_size_override` (e.g. a checkpoint's padded size) is given.
+    `config_kwargs` go to `transformer_config` (bf16, recompute, dropout, sequence
+    parallelism, ...). The TP, PP and virtual-pipeline sizes come from the initialized
+    parallel state; `vp_stage` picks the model chunk under interleaving (`build_model_chunks`
+    builds them all). The padded vocabulary is Megatron's rule unless `vocab_size_override`
+    (e.g. a checkpoint's padded size) is given.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     config = transformer_config(
-        arch, tensor_parallel_size=tp, pipeline_parallel_size=pp, **config_kwargs
+        arch,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        virtual_pipeline_parallel_size=vpp,
+        context_parallel_size=ps.get_context_parallel_world_size(),
+        **config_kwargs,
     )
+    needs_te = config.fp8 or config.context_parallel_size > 1
+    if needs_te and transformer_impl != "transformer_engine":
+        what = "--fp8-format" if config.fp8 else "--context-parallel-size"
+        raise ValueError(f"{what} needs --transformer-impl transformer_engine")
     if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage()
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
-        post_process = ps.is_pipeline_last_stage()
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(transformer_impl),
+        transformer_layer_spec=block_spec(transformer_impl, config, vp_stage),
         vocab_size=vocab_size_override
         or padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
@@ -74,4 +113,17 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
+        vp_stage=vp_stage,
     )
+
+
+def build_model_chunks(arch: LlamaArch, **kwargs) -> list:
+    """This rank's model chunks: one `GPTModel` stage, or with an interleaved pipeline
+    (a virtual pipeline size in the parallel state) one per virtual stage, in the order
+    megatron-core's interleaved schedule expects (chunk i holds virtual stage i)."""
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        return [build_gpt_model(arch, **kwargs)]
+    return [build_gpt_model(arch, vp_stage=stage, **kwargs) for stage in range(vpp)]
