@@ -35,8 +35,6 @@ def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> 
 
     tp = ps.get_tensor_model_parallel_world_size()
     tp_rank = ps.get_tensor_model_parallel_rank()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    pp_rank = ps.get_pipeline_model_parallel_rank()
     own = model.state_dict()
     state = {}
 
@@ -53,9 +51,10 @@ def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> 
 
     if model.pre_process:
         put(EMBEDDING.name(transformer_impl), EMBEDDING, reader.load_global(EMBEDDING))
-    per_stage = reader.arch.num_layers // pp
-    for local_index in range(per_stage):
-        global_layer = pp_rank * per_stage + local_index
+    # Each layer knows its global number (1-based), whatever the split: even or uneven
+    # pipeline stages, interleaved model chunks.
+    for local_index, layer in enumerate(model.decoder.layers):
+        global_layer = layer.layer_number - 1
         for mapping, tensor in reader.load_layer(global_layer).items():
             put(layer_key(mapping, local_index, transformer_impl), mapping, tensor)
     if model.post_process:

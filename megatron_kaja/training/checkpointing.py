@@ -21,6 +21,7 @@ dist checkpoint and reshard as usual.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -107,11 +108,23 @@ def _rng_object(data=None):
     )
 
 
+def _model_keys(stack) -> list[str]:
+    """Where each model chunk's tensors sit in the state: "model", or "model0", "model1", ...
+    under an interleaved pipeline (Megatron-LM's names). The tensors inside carry global
+    layer numbers, so a checkpoint saved with one chunk layout loads into another."""
+    if len(stack.model_chunks) == 1:
+        return ["model"]
+    return [f"model{i}" for i in range(len(stack.model_chunks))]
+
+
 def _state_template(stack, is_loading: bool, optimizer_sharding: str) -> dict:
-    state = {"model": stack.model.sharded_state_dict()}
+    state = {
+        key: chunk.sharded_state_dict()
+        for key, chunk in zip(_model_keys(stack), stack.model_chunks, strict=True)
+    }
     if stack.optimizer_kind == "adam":  # an 8-bit optimizer saves its own files
         state["optimizer"] = stack.optimizer.sharded_state_dict(
-            state["model"],
+            {key: state[key] for key in _model_keys(stack)},
             is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": optimizer_sharding},
         )
@@ -190,6 +203,7 @@ def save_checkpoint(
     # The distributed optimizer's state: "dp_reshardable" saves fully in parallel and
     # reshards across DP only; "fully_reshardable" gathers per DP group and loads at any layout.
     sharding = "fully_reshardable" if optimizer_fully_reshardable else "dp_reshardable"
+    stack.sync_params()  # --overlap-param-gather: the step left other ranks' shards stale
     state = _state_template(stack, is_loading=False, optimizer_sharding=sharding)
     state["rng_state"] = _rng_object(_rng_state())
     state.update(
@@ -217,11 +231,11 @@ def save_checkpoint(
         McoreCheckpointMeta(
             format="torch_dist",
             arch=asdict(arch),
-            padded_vocab_size=stack.model.vocab_size,
+            padded_vocab_size=stack.model_chunks[0].vocab_size,
             tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
             pipeline_parallel_size=ps.get_pipeline_model_parallel_world_size(),
             transformer_impl=stack.transformer_impl,
-            dtype="bfloat16" if stack.model.config.bf16 else "float32",
+            dtype="bfloat16" if stack.model_chunks[0].config.bf16 else "float32",
             iteration=iteration,
         ).save(tmp)
         if final.exists():
@@ -267,6 +281,42 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
+@contextlib.contextmanager
+def _fully_reshardable_adam_load(optimizer):
+    """Let megatron-core load a fully reshardable distributed-optimizer state into torch Adam.
+
+    megatron-core 0.16.1 (without apex / transformer-engine, i.e. torch Adam) copies every
+    entry of a parameter's optimizer state from the checkpoint, `step` included, which the
+    fully reshardable format does not hold (it skips it on purpose): the load fails with
+    KeyError 'step'. During the load each parameter's `step` is set aside while its other
+    states are copied; `_restore_adam_steps` then sets the counters from the param groups.
+    """
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        copy_states = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if copy_states is None or not hasattr(inner, "model_param_group_index_map"):
+            continue
+
+        def copy_without_step(model_param, tensors, inner=inner, copy_states=copy_states):
+            group, order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group]["params"][order]
+            state = inner.optimizer.state[main_param]
+            step = state.pop("step", None)
+            try:
+                copy_states(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        inner._set_main_param_and_optimizer_states = copy_without_step
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # the class's method again
+
+
 def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     """Restore model, optimizer, schedule and RNG from the newest checkpoint under `root`.
 
@@ -284,23 +334,29 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     common = load_common_state_dict(str(ckpt))
     check_optimizer_resumable(ckpt, common.get("optimizer_info"), _optimizer_info(stack))
     megatron_optimizer = stack.optimizer_kind == "adam"
+    sharding = common.get("optimizer_sharding", "dp_reshardable")
     if megatron_optimizer:
         _materialize_optimizer_state(stack.optimizer)
     template = _state_template(
         stack,
         is_loading=True,
-        optimizer_sharding=common.get("optimizer_sharding", "dp_reshardable"),
+        optimizer_sharding=sharding,
     )
     same_world = common.get("world_size") == dist.get_world_size()
     if same_world:
         template["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(template, str(ckpt))
-    stack.model.load_state_dict(loaded["model"])
+    for key, chunk in zip(_model_keys(stack), stack.model_chunks, strict=True):
+        chunk.load_state_dict(loaded[key])
     if megatron_optimizer:
         # The optimizer's fp32 main params were copied from the weights at construction:
         # refresh them from the loaded weights (the state below overwrites what it holds).
         stack.optimizer.reload_model_params()
-        with torch.no_grad():  # the distributed optimizer copies into its main params in place
+        guard = contextlib.nullcontext()
+        if sharding == "fully_reshardable":
+            guard = _fully_reshardable_adam_load(stack.optimizer)
+        # The distributed optimizer copies into its main params in place.
+        with torch.no_grad(), guard:
             stack.optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(stack.optimizer)
     else:

@@ -155,10 +155,14 @@ def run_global_batch(
     if stack.transformer_impl == "transformer_engine":
         # THD: each micro-batch travels between pipeline stages as one packed sequence.
         seq_length, micro_batch_size = seq_length * micro_batch_size, 1
+    batches = [_device_batch(mb) for mb in micro_batches]
+    # Under an interleaved pipeline every model chunk reads each micro-batch (the first
+    # chunk its tokens, all of them its mask and positions, the last its labels).
+    iterators = [iter(batches) for _ in stack.ddp_chunks]
     outputs = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, vocab_size, stack.transformer_impl),
-        data_iterator=iter([_device_batch(mb) for mb in micro_batches]),
-        model=[stack.ddp],
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=stack.ddp_chunks,
         num_microbatches=len(micro_batches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
@@ -196,14 +200,14 @@ def evaluate(stack, dataset, layout: ParallelLayout, cfg: SFTConfig, vocab_size:
     per_rank = sampler.global_batch_size // (cfg.micro_batch_size * layout.data_parallel_size)
     it = iter(sampler)
     loss_sum = tokens = 0.0
-    stack.ddp.eval()
+    stack.set_train(False)
     with torch.no_grad():
         for _ in range(steps):
             s, n = run_global_batch(
                 stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True, vocab_size
             )
             loss_sum, tokens = loss_sum + s, tokens + n
-    stack.ddp.train()
+    stack.set_train(True)
     return loss_sum / max(tokens, 1.0)
 
 
@@ -258,7 +262,8 @@ def train(cfg: SFTConfig) -> dict:
         start = state["iteration"]
         sampler.load_state_dict(state["sampler"])
     else:
-        load_mcore_weights(stack.model, weights, stack.transformer_impl)
+        for chunk in stack.model_chunks:
+            load_mcore_weights(chunk, weights, stack.transformer_impl)
 
     is_writer = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank
     writer = MetricsWriter(
@@ -308,7 +313,7 @@ def train(cfg: SFTConfig) -> dict:
     iteration = start
     while iteration < train_iters:
         lr = stack.optimizer.param_groups[0]["lr"]
-        stack.ddp.zero_grad_buffer()
+        stack.zero_grad_buffers()
         stack.optimizer.zero_grad()
         micro = _micro_batches(train_set, sampler_iter, accumulation)
         loss_sum, tokens = run_global_batch(stack, micro, cfg.seq_length, False, arch.vocab_size)
