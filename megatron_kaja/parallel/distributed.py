@@ -107,6 +107,15 @@ def initialize_model_parallel(
     return current_layout()
 
 
+def set_virtual_pipeline_size(size: int | None) -> None:
+    """Model chunks per pipeline stage (None: one, no interleaving), once the architecture
+    is known (after `initialize_model_parallel`, which cannot know the layer count)."""
+    from megatron.core import parallel_state
+
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(size)
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0 if size else None)
+
+
 def current_layout() -> ParallelLayout:
     """The layout of the already initialized megatron parallel state."""
     from megatron.core import parallel_state as ps

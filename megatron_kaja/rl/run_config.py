@@ -10,9 +10,21 @@ from pydantic import ConfigDict, Field, model_validator
 from megatron_kaja.rl.config import GRPOConfig
 from megatron_kaja.training.config import OptimizerName, check_optimizer_flags
 from megatron_kaja.training.launch import LaunchSettings
+from megatron_kaja.training.scale import ScaleSettings
+
+# The scale settings GRPO cannot take yet, and why (its rollouts and update run outside
+# megatron-core's schedule: the sampler decodes one token at a time through each stage,
+# and the update runs micro-batches of any length and number).
+GRPO_UNSUPPORTED_SCALE = {
+    "sequence_parallel": "the sampler decodes one token at a time (no sequence to split)",
+    "overlap_grad_reduce": "the update's micro-batches run outside megatron-core's schedule",
+    "num_layers_per_virtual_pipeline_stage": "the sampler passes one stage per rank",
+    "context_parallel_size": "the sampler does not split sequences over ranks",
+    "fp8_format": "the sampler's one-token GEMMs do not meet FP8's shape rules",
+}
 
 
-class GRPORunConfig(LaunchSettings):
+class GRPORunConfig(LaunchSettings, ScaleSettings):
     """Every setting of a `train_grpo.py` run (field names are the flags without dashes)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -97,6 +109,11 @@ class GRPORunConfig(LaunchSettings):
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
         check_optimizer_flags(self)
+        for name, why in GRPO_UNSUPPORTED_SCALE.items():
+            value = getattr(self, name)
+            if value not in (None, False, 1):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag}: not supported by train_grpo.py ({why})")
         if self.metrics_file is None and self.save is not None:
             self.metrics_file = self.save / "metrics.jsonl"
         self.grpo_config()  # validates the algorithm settings now, naming the field

@@ -212,6 +212,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
     stack = build_training_stack(
         arch,
         **optimizer_settings(cfg),
+        **cfg.scale_build_settings(),
         train_iters=train_iters,
         padded_vocab_size=padded,
         per_token_loss=False,
@@ -225,7 +226,13 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         load_mcore_weights(stack.model, weights, stack.transformer_impl)
     ref_model = None
     if grpo.beta > 0:
-        ref_model = build_gpt_model(arch, bf16=cfg.bf16, vocab_size_override=padded)
+        ref_model = build_gpt_model(
+            arch,
+            bf16=cfg.bf16,
+            vocab_size_override=padded,
+            first_stage_layers=cfg.decoder_first_pipeline_num_layers,  # the policy's split
+            last_stage_layers=cfg.decoder_last_pipeline_num_layers,
+        )
         load_mcore_weights(ref_model, ref_source)
         ref_model.requires_grad_(False).eval()
     run_config = {**cfg.model_dump(mode="json"), "ref_load": str(ref_source)}
@@ -290,6 +297,7 @@ def train_grpo(cfg: GRPORunConfig) -> dict:
         seed = np.random.SeedSequence([cfg.seed, iteration, layout.dp_rank]).generate_state(1)
         generator.manual_seed(int(seed[0]))
         synced = time.perf_counter()
+        stack.sync_params()  # --overlap-param-gather: the last step left shards to gather
         engine.load_weights(stack.model)  # the weights of the last update (or of the start)
         synced = time.perf_counter() - synced
         stack.model.train()

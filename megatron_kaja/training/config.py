@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from megatron_kaja.training.errors import ConfigError
 from megatron_kaja.training.launch import LaunchSettings
+from megatron_kaja.training.scale import ScaleSettings
 
 __all__ = [
     "ConfigError",
@@ -54,7 +55,7 @@ def check_optimizer_flags(cfg) -> None:
         )
 
 
-class SFTConfig(LaunchSettings):
+class SFTConfig(LaunchSettings, ScaleSettings):
     """Every setting of a `pretrain_sft.py` run (field names are the flags without dashes)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -91,8 +92,6 @@ class SFTConfig(LaunchSettings):
     # parallelism and memory
     tensor_model_parallel_size: int = Field(default=1, gt=0)
     pipeline_model_parallel_size: int = Field(default=1, gt=0)
-    recompute_activations: bool = False
-    recompute_granularity: Literal["full", "selective"] | None = None
     transformer_impl: Literal["local", "sdpa", "transformer_engine"] | None = None
     # checkpoints, evaluation, logging
     save: Path | None = None
@@ -127,20 +126,20 @@ class SFTConfig(LaunchSettings):
         check_optimizer_flags(self)
         if self.eval_interval is not None and not self.valid_data:
             raise ValueError("--eval-interval needs --valid-data")
-        if self.recompute_activations and self.recompute_granularity is None:
-            self.recompute_granularity = "selective"
         if self.metrics_file is None and self.save is not None:
             self.metrics_file = self.save / "metrics.jsonl"
         return self
 
     def check_world(self, world_size: int) -> int:
         """The data-parallel size; raises ConfigError when the layout or batches do not fit."""
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        model_parallel = self.model_parallel_size()
         if world_size % model_parallel:
+            cp = self.context_parallel_size
             raise ConfigError(
                 f"{world_size} processes cannot hold tensor-model-parallel-size "
                 f"{self.tensor_model_parallel_size} x pipeline-model-parallel-size "
                 f"{self.pipeline_model_parallel_size}"
+                + (f" x context-parallel-size {cp}" if cp > 1 else "")
             )
         dp = world_size // model_parallel
         if self.global_batch_size % (self.micro_batch_size * dp):
@@ -149,6 +148,8 @@ class SFTConfig(LaunchSettings):
                 f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp}: "
                 f"use a multiple of {self.micro_batch_size * dp}"
             )
+        self.check_sequence_length(self.seq_length)
+        self.check_micro_batches(self.gradient_accumulation_steps(dp))
         return dp
 
     def gradient_accumulation_steps(self, data_parallel_size: int) -> int:

@@ -161,11 +161,46 @@ class DryRunReport:
             raise ConfigError(f"--tokenizer has {size} tokens, the model only {arch.vocab_size}")
         self.add(f"tokenizer: {size} tokens (model vocabulary {arch.vocab_size})")
 
-    def check_layout(self, arch: LlamaArch, tp: int, pp: int) -> None:
+    def check_layout(self, arch: LlamaArch, tp: int, pp: int, settings=None) -> None:
+        """The TP x PP split of `arch`, with the uneven / virtual pipeline of `settings`."""
         try:
-            check_parallel_layout(arch, tp, pp)
+            check_parallel_layout(
+                arch,
+                tp,
+                pp,
+                first_stage_layers=getattr(settings, "decoder_first_pipeline_num_layers", None),
+                last_stage_layers=getattr(settings, "decoder_last_pipeline_num_layers", None),
+                virtual_stages=settings.virtual_pipeline_size(arch) if settings else None,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def recommend(self, arch: LlamaArch, world: int, layout) -> None:
+        """Add the layout the estimator recommends for this world, micro-batch and length."""
+        from dataclasses import asdict
+
+        from megatron_kaja.training.memory import recommend_layout
+
+        fixed = {
+            k: v
+            for k, v in asdict(layout).items()
+            if k in ("micro_batch_size", "seq_length", "distributed_optimizer", "optimizer")
+            or k in ("bf16", "flash_attention", "fp8")
+        }
+        global_batch = layout.micro_batch_size * layout.num_micro_batches * layout.data_parallel
+        found = recommend_layout(
+            arch,
+            world,
+            self.settings.gpu_memory_gb,
+            gpus_per_node=min(8, self.settings.nproc_per_node or 8),
+            global_batch_size=global_batch,
+            **fixed,
+        )
+        if found is None:
+            self.add(f"recommended layout: none fits {self.settings.gpu_memory_gb:g} GiB")
+            return
+        best, estimate = found
+        self.add(f"recommended layout: {describe_layout(best)} ({estimate.total / GIB:.1f} GiB)")
 
     def finish(self, estimate: MemoryEstimate) -> int:
         """Print the report; 0 when everything checks out, 1 when it cannot run as planned."""
@@ -195,6 +230,39 @@ def _recompute(granularity: str | None) -> str:
     return granularity or "none"
 
 
+def describe_layout(layout) -> str:
+    """A `TrainingLayout` as the flags that give it."""
+    parts = [f"TP={layout.tensor_parallel}", f"PP={layout.pipeline_parallel}"]
+    if layout.virtual_stages:
+        parts.append(f"x {layout.virtual_stages} virtual stages")
+    parts.append(f"DP={layout.data_parallel}")
+    if layout.sequence_parallel:
+        parts.append("--sequence-parallel")
+    if layout.recompute == "full":
+        n = layout.recompute_num_layers
+        parts.append(f"--recompute-granularity full --recompute-method {layout.recompute_method}")
+        if n:
+            parts.append(f"--recompute-num-layers {n}")
+    elif layout.recompute == "selective":
+        parts.append("--recompute-granularity selective")
+    return " ".join(parts)
+
+
+def scale_layout_fields(cfg, arch: LlamaArch) -> dict:
+    """The `TrainingLayout` fields of a run's scale settings."""
+    return {
+        "recompute": _recompute(cfg.recompute_granularity),
+        "recompute_method": cfg.recompute_method or "uniform",
+        "recompute_num_layers": cfg.recompute_num_layers or None,
+        "sequence_parallel": cfg.sequence_parallel and cfg.tensor_model_parallel_size > 1,
+        "context_parallel": cfg.context_parallel_size,
+        "virtual_stages": cfg.virtual_pipeline_size(arch),
+        "first_stage_layers": cfg.decoder_first_pipeline_num_layers,
+        "last_stage_layers": cfg.decoder_last_pipeline_num_layers,
+        "fp8": cfg.fp8_format is not None,
+    }
+
+
 def _describe_optimizer(cfg) -> str:
     if cfg.optimizer != "adam":
         return f"{cfg.optimizer} optimizer (bitsandbytes, replicated)"
@@ -211,7 +279,7 @@ def plan_sft(cfg) -> int:
     report.add(describe_arch(arch, source))
     world, world_source = world_size_for_plan(cfg)
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    report.check_layout(arch, tp, pp)
+    report.check_layout(arch, tp, pp, cfg)
     dp = cfg.check_world(world)
     accumulation = cfg.gradient_accumulation_steps(dp)
     report.add(f"world: {world} processes ({world_source})")
@@ -220,7 +288,7 @@ def plan_sft(cfg) -> int:
         f"{accumulation} accumulation steps x DP {dp} = global batch {cfg.global_batch_size} "
         f"rows of {cfg.seq_length} tokens; recompute {_recompute(cfg.recompute_granularity)}; "
         f"{_describe_optimizer(cfg)}; "
-        f"{'bf16' if cfg.bf16 else 'fp32'}"
+        f"{'bf16' if cfg.bf16 else 'fp32'}; scale: {cfg.describe_scale()}"
     )
     data = [s.path for s in parse_weighted_paths(cfg.train_data)]
     if cfg.valid_data:
@@ -238,12 +306,13 @@ def plan_sft(cfg) -> int:
         micro_batch_size=cfg.micro_batch_size,
         seq_length=cfg.seq_length,
         num_micro_batches=accumulation,
-        recompute=_recompute(cfg.recompute_granularity),
         distributed_optimizer=cfg.use_distributed_optimizer,
         optimizer=cfg.optimizer,
         bf16=cfg.bf16,
         flash_attention=cfg.transformer_impl != "local",
+        **scale_layout_fields(cfg, arch),
     )
+    report.recommend(arch, world, layout)
     return report.finish(estimate_memory(arch, layout))
 
 
@@ -256,7 +325,7 @@ def plan_grpo(cfg) -> int:
     report.add(describe_arch(arch, source))
     world, world_source = world_size_for_plan(cfg)
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    report.check_layout(arch, tp, pp)
+    report.check_layout(arch, tp, pp, cfg)
     if world % (tp * pp):
         raise ConfigError(
             f"{world} processes cannot hold --tensor-model-parallel-size {tp} x "
@@ -307,6 +376,7 @@ def plan_grpo(cfg) -> int:
         distributed_optimizer=cfg.use_distributed_optimizer,
         optimizer=cfg.optimizer,
         bf16=cfg.bf16,
+        **scale_layout_fields(cfg, arch),
     )
     report.add(
         f"rollouts: {cfg.rollout_engine} engine, "

@@ -370,3 +370,93 @@ def estimate_grpo_memory(
             // layout.pipeline_parallel
         )
     return estimate
+
+
+# Extra compute of each recompute setting, as a fraction of a step without recompute: a
+# layer's forward is ~1/3 of its forward + backward, so recomputing L' of L layers costs
+# L'/(3L); selective recompute redoes only the core attention (its flash kernel's share is
+# small next to the GEMMs: counted as 1%). The 1F1B pipeline idles (p - 1) / (m v) of a step
+# (m micro-batches, v model chunks; Narayanan et al. 2021, Sec. 2.2).
+def overhead(arch: LlamaArch, layout: TrainingLayout) -> float:
+    """Extra compute time of the layout's recompute and pipeline bubble, as a fraction of a
+    step (see above); tensor-parallel traffic is ranked separately."""
+    bubble = (layout.pipeline_parallel - 1) / (layout.num_micro_batches * layout.chunks)
+    if layout.recompute == "selective":
+        return bubble + 0.01
+    if layout.recompute != "full":
+        return bubble
+    layers = max(layout.stage_layers(arch)) // layout.chunks
+    n = layout.recompute_num_layers
+    recomputed = layers if layout.recompute_method == "uniform" or n is None else min(n, layers)
+    return bubble + recomputed / layers / 3
+
+
+def candidate_layouts(arch: LlamaArch, world_size: int, gpus_per_node: int, **fixed):
+    """Layouts of `world_size` GPUs to compare: TP within a node (a divisor of
+    `gpus_per_node` that splits the heads), PP a divisor of the layers (interleaved with 2 or
+    4 chunks where the micro-batches allow), sequence parallelism on whenever TP > 1, every
+    recompute setting (none, selective, block over 1/4, 1/2, 3/4 of a chunk's layers,
+    full). `fixed` are the TrainingLayout fields the run already has (micro batch, sequence
+    length, optimizer...) and `global_batch_size`, from which the micro-batches per DP rank
+    follow."""
+    fixed = dict(fixed)
+    global_batch = fixed.pop("global_batch_size")
+    micro = fixed.get("micro_batch_size", 1)
+    for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node and gpus_per_node % t == 0):
+        for pp in (p for p in range(1, world_size // tp + 1) if world_size % (tp * p) == 0):
+            dp = world_size // (tp * pp)
+            if global_batch % (micro * dp):
+                continue
+            m = global_batch // (micro * dp)
+            try:
+                check_parallel_layout(arch, tp, pp)
+            except ValueError:
+                continue
+            stage = arch.num_layers // pp
+            chunks = [None]
+            if pp > 1 and m >= pp and m % pp == 0:
+                chunks += [v for v in (2, 4) if stage % v == 0]
+            for v in chunks:
+                layers = stage // (v or 1)
+                recomputes = [("none", "uniform", None), ("selective", "uniform", None)]
+                recomputes += [("full", "block", layers * q // 4) for q in (1, 2, 3)]
+                recomputes.append(("full", "uniform", 1))
+                for recompute, method, n in recomputes:
+                    if recompute == "full" and method == "block" and not n:
+                        continue
+                    yield TrainingLayout(
+                        tensor_parallel=tp,
+                        pipeline_parallel=pp,
+                        data_parallel=dp,
+                        num_micro_batches=m,
+                        virtual_stages=v,
+                        sequence_parallel=tp > 1,
+                        recompute=recompute,
+                        recompute_method=method,
+                        recompute_num_layers=n,
+                        **fixed,
+                    )
+
+
+def recommend_layout(
+    arch: LlamaArch,
+    world_size: int,
+    gpu_memory_gb: float,
+    *,
+    gpus_per_node: int = 8,
+    **fixed,
+) -> tuple[TrainingLayout, MemoryEstimate] | None:
+    """The layout this estimator recommends: of those that fit `gpu_memory_gb` (with its
+    headroom), the least extra compute (recompute + pipeline bubble, `overhead`) first,
+    then the smallest TP (tensor-parallel traffic crosses every layer four times), then
+    the fewest pipeline stages. None when nothing fits."""
+    fitting = []
+    for layout in candidate_layouts(arch, world_size, gpus_per_node, **fixed):
+        estimate = estimate_memory(arch, layout)
+        if estimate.fits(gpu_memory_gb):
+            cost = round(overhead(arch, layout), 4)
+            fitting.append(((cost, layout.tensor_parallel, layout.pipeline_parallel), layout))
+    if not fitting:
+        return None
+    layout = min(fitting, key=lambda item: item[0])[1]
+    return layout, estimate_memory(arch, layout)

@@ -22,7 +22,11 @@ from megatron_kaja.data import (
 from megatron_kaja.extras import require
 from megatron_kaja.models.llama.config import LlamaArch, training_vocab_size
 from megatron_kaja.models.llama.forward import token_losses
-from megatron_kaja.parallel.distributed import ParallelLayout, initialize_model_parallel
+from megatron_kaja.parallel.distributed import (
+    ParallelLayout,
+    initialize_model_parallel,
+    set_virtual_pipeline_size,
+)
 from megatron_kaja.training import checkpointing
 from megatron_kaja.training.config import ConfigError, SFTConfig
 from megatron_kaja.training.control import RunControl
@@ -33,6 +37,7 @@ from megatron_kaja.training.metrics import (
     format_log_line,
     training_flops_per_token,
 )
+from megatron_kaja.training.scale import check_scale_extras
 from megatron_kaja.training.setup import build_training_stack, optimizer_settings
 
 logger = logging.getLogger("megatron_kaja.train")
@@ -217,13 +222,25 @@ def train(cfg: SFTConfig) -> dict:
 
     if cfg.optimizer != "adam":
         require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
+    check_scale_extras(cfg)
+    if cfg.context_parallel_size > 1:
+        # transformer-engine's ring attention over packed (THD) rows needs every sample
+        # padded to a multiple of 2 x CP, which the packer does not do yet.
+        raise ConfigError(
+            "--context-parallel-size > 1: SFT's packed rows are not split over context-"
+            "parallel ranks yet (each sample would need padding to 2 x CP tokens)"
+        )
     layout = initialize_model_parallel(
-        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
+        cfg.tensor_model_parallel_size,
+        cfg.pipeline_model_parallel_size,
+        seed=cfg.seed,
+        context_parallel_size=cfg.context_parallel_size,
     )
     cfg.check_launched_world(layout.world_size)
     dp = cfg.check_world(layout.world_size)
     arch, ckpt_padded_vocab, resume, weights = resolve_model_source(cfg, "sft")
     cfg.check_preset(arch, f"--load {cfg.load}")
+    set_virtual_pipeline_size(cfg.virtual_pipeline_size(arch))
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     if len(tokenizer) > arch.vocab_size:
         raise ConfigError(
@@ -252,7 +269,7 @@ def train(cfg: SFTConfig) -> dict:
         **optimizer_settings(cfg),
         train_iters=train_iters,
         adam_eps=cfg.adam_eps,
-        recompute_granularity=cfg.recompute_granularity,
+        **cfg.scale_build_settings(),
         transformer_impl=cfg.transformer_impl,
         padded_vocab_size=training_vocab_size(arch, ckpt_padded_vocab, tp),
     )
