@@ -19,14 +19,17 @@ from megatron_kaja.models.llama.state_dict import (
 
 
 def load_torch_dist_weights(model, ckpt_dir: str | Path) -> None:
-    """megatron-core's own resharding load of a torch_dist checkpoint into `model`."""
+    """megatron-core's own resharding load of a torch_dist checkpoint into `model` (a model,
+    or a rank's model chunks: loaded in one call, since a load must read every layer)."""
     from megatron.core import dist_checkpointing
 
-    sharded = model.sharded_state_dict()
+    chunks = model if isinstance(model, list) else [model]
+    sharded = {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     # A training checkpoint's common state (iteration, optimizer settings, ...) comes back
     # merged in: keep the model's own entries.
-    model.load_state_dict({k: v for k, v in loaded.items() if k in sharded})
+    for name, chunk in zip(sharded, chunks, strict=True):
+        chunk.load_state_dict({k: v for k, v in loaded[name].items() if k in sharded[name]})
 
 
 def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> None:
@@ -67,16 +70,19 @@ def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> 
 
 
 def load_mcore_weights(model, ckpt_dir: str | Path, transformer_impl: str = "local") -> None:
-    """Load a megatron checkpoint (torch_dist or legacy, saved at any TP / PP) into `model`.
+    """Load a megatron checkpoint (torch_dist or legacy, saved at any TP / PP) into `model`
+    (a model, or the list of a rank's model chunks under an interleaved pipeline).
 
     torch_dist goes through megatron-core's dist_checkpointing (which reshards); legacy
     through the per-rank reader. The model's padded vocabulary may differ from the
     checkpoint's: the real rows are copied and the padding is re-made.
     """
     ckpt_dir = Path(ckpt_dir)
+    chunks = model if isinstance(model, list) else [model]
     fmt = detect_format(ckpt_dir)
     reader = open_mcore_checkpoint(ckpt_dir)
-    if fmt == "torch_dist" and reader.padded_vocab == model.vocab_size:
-        load_torch_dist_weights(model, ckpt_dir)
+    if fmt == "torch_dist" and reader.padded_vocab == chunks[0].vocab_size:
+        load_torch_dist_weights(chunks, ckpt_dir)
     else:
-        load_weights_from_reader(model, reader, transformer_impl)
+        for chunk in chunks:
+            load_weights_from_reader(chunk, reader, transformer_impl)

@@ -279,8 +279,7 @@ def train(cfg: SFTConfig) -> dict:
         start = state["iteration"]
         sampler.load_state_dict(state["sampler"])
     else:
-        for chunk in stack.model_chunks:
-            load_mcore_weights(chunk, weights, stack.transformer_impl)
+        load_mcore_weights(stack.model_chunks, weights, stack.transformer_impl)
 
     is_writer = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank
     writer = MetricsWriter(

@@ -257,8 +257,7 @@ def pipeline_stage_layers(
         rest, middle = rest - given, middle - 1
     if not uneven and num_layers % p:
         raise ValueError(
-            f"num_hidden_layers {num_layers} is not divisible by "
-            f"pipeline-model-parallel-size {p}"
+            f"num_hidden_layers {num_layers} is not divisible by pipeline-model-parallel-size {p}"
         )
     if rest < 0 or (middle == 0 and rest != 0) or (middle and rest % middle):
         raise ValueError(
