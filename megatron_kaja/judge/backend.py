@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from megatron_kaja.inference.models import build_model_backend, quantization_of
 
-from megatron_kaja.inference import build_backend
-
-
-def quantization_of(model: str) -> str | None:
-    """The `quant_method` of a local checkpoint (e.g. "awq"), for vLLM's `quantization`."""
-    path = Path(model) / "config.json"
-    if path.is_file():
-        quant = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
-        return quant.get("quant_method")
-    return None
+__all__ = ["build_judge_backend", "quantization_of"]
 
 
 def build_judge_backend(
@@ -28,21 +18,17 @@ def build_judge_backend(
     batch_size: int = 8,
 ):
     """`openai` (a `vllm serve` endpoint), `vllm` (offline engine) or `hf` (in-process)."""
-    if kind == "openai":
-        if not base_url:
-            raise ValueError(
-                "--judge-backend openai needs --judge-base-url (e.g. http://host:8000/v1)"
-            )
-        return build_backend(
-            "openai",
-            base_url=base_url,
-            model=model,
-            api_key=api_key or "EMPTY",  # `vllm serve` without --api-key accepts any key
-            max_concurrency=concurrency,
-            choice_param=choice_param,
-        )
-    if kind == "vllm":
-        return build_backend("vllm", model=model, quantization=quantization_of(model))
-    if kind == "hf":
-        return build_backend("hf", model=model, batch_size=batch_size)
-    raise ValueError(f"judge backend {kind!r}: use openai, vllm or hf")
+    if kind == "openai" and not base_url:
+        raise ValueError("--judge-backend openai needs --judge-base-url (e.g. http://host:8000/v1)")
+    if kind not in ("openai", "vllm", "hf"):
+        raise ValueError(f"judge backend {kind!r}: use openai, vllm or hf")
+    options = {"choice_param": choice_param} if kind == "openai" else {}
+    return build_model_backend(
+        kind,
+        model,
+        base_url=base_url,
+        api_key=api_key,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        **options,
+    )

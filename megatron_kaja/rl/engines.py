@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +38,39 @@ from megatron_kaja.rl.sampler import Generation, SamplingParams, generate, left_
 
 logger = logging.getLogger("megatron_kaja.grpo")
 
-ROLLOUT_ENGINES = ("builtin", "hf", "vllm")
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What any rollout engine may be built from (each takes the parts it needs)."""
+
+    eos_token_id: int
+    pad_token_id: int
+    vocab_size: int
+    tokenizer_dir: Path | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.3
+    seed: int = 0
+    transformer_impl: str = "local"
+
+
+_ENGINES: dict[str, type] = {}
+
+
+def register_rollout_engine(name: str):
+    """Class decorator: make an engine selectable as `--rollout-engine NAME`; the class has a
+    `build(model, arch, settings: EngineSettings)` classmethod."""
+
+    def wrap(cls):
+        cls.name = name
+        _ENGINES[name] = cls
+        return cls
+
+    return wrap
+
+
+def rollout_engine_names() -> tuple[str, ...]:
+    """The registered engines, in registration order."""
+    return tuple(_ENGINES)
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
@@ -74,10 +107,18 @@ def generation_from_token_lists(
     return Generation(prompt_ids, prompt_mask, ids, mask, lps)
 
 
+@register_rollout_engine("builtin")
 class BuiltinEngine:
     """Samples with the training model itself (nothing to synchronize)."""
 
-    name = "builtin"
+    @classmethod
+    def build(cls, model, arch: LlamaArch, settings: EngineSettings) -> BuiltinEngine:
+        return cls(
+            model,
+            eos_token_id=settings.eos_token_id,
+            pad_token_id=settings.pad_token_id,
+            vocab_size=settings.vocab_size,
+        )
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, vocab_size: int):
         self.model = model
@@ -106,10 +147,21 @@ class BuiltinEngine:
         self.model = None
 
 
+@register_rollout_engine("hf")
 class HFEngine:
     """`transformers` generation on TP rank 0 of each group, with the trainer's weights."""
 
-    name = "hf"
+    @classmethod
+    def build(cls, model, arch: LlamaArch, settings: EngineSettings) -> HFEngine:
+        param = next(model.parameters())
+        return cls(
+            arch,
+            eos_token_id=settings.eos_token_id,
+            pad_token_id=settings.pad_token_id,
+            dtype=param.dtype,
+            device=param.device,
+            transformer_impl=settings.transformer_impl,
+        )
 
     def __init__(
         self,
@@ -205,10 +257,25 @@ def _to_device(gen: Generation, device) -> Generation:
     return Generation(*(getattr(gen, f).to(device) for f in Generation.__dataclass_fields__))
 
 
+@register_rollout_engine("vllm")
 class VLLMEngine:
     """A colocated vLLM engine that receives the trainer's weights before each rollout."""
 
-    name = "vllm"
+    @classmethod
+    def build(cls, model, arch: LlamaArch, settings: EngineSettings) -> VLLMEngine:
+        param = next(model.parameters())
+        return cls(
+            arch,
+            settings.tokenizer_dir,
+            eos_token_id=settings.eos_token_id,
+            pad_token_id=settings.pad_token_id,
+            dtype=param.dtype,
+            device=param.device,
+            max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            seed=settings.seed,
+            transformer_impl=settings.transformer_impl,
+        )
 
     def __init__(
         self,
@@ -321,46 +388,10 @@ class VLLMEngine:
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
-def build_rollout_engine(
-    name: str,
-    model,
-    arch: LlamaArch,
-    *,
-    eos_token_id: int,
-    pad_token_id: int,
-    vocab_size: int,
-    tokenizer_dir=None,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float = 0.3,
-    seed: int = 0,
-    transformer_impl: str = "local",
-):
+def build_rollout_engine(name: str, model, arch: LlamaArch, settings: EngineSettings):
     """The `--rollout-engine` for this rank; its weights arrive with `load_weights(model)`."""
-    if name == "builtin":
-        return BuiltinEngine(
-            model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size
+    if name not in _ENGINES:
+        raise ValueError(
+            f"unknown rollout engine {name!r} (use one of {', '.join(rollout_engine_names())})"
         )
-    param = next(model.parameters())
-    if name == "hf":
-        return HFEngine(
-            arch,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            dtype=param.dtype,
-            device=param.device,
-            transformer_impl=transformer_impl,
-        )
-    if name == "vllm":
-        return VLLMEngine(
-            arch,
-            tokenizer_dir,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            dtype=param.dtype,
-            device=param.device,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            transformer_impl=transformer_impl,
-        )
-    raise ValueError(f"unknown rollout engine {name!r} (use one of {', '.join(ROLLOUT_ENGINES)})")
+    return _ENGINES[name].build(model, arch, settings)

@@ -1,5 +1,5 @@
-"""The GRPO loop of `train_grpo.py`: prompts -> `grpo_step` -> megatron optimizer, with the
-SFT trainer's stack (megatron DDP + optimizer + schedule), checkpoints and metrics."""
+"""The GRPO trainer of `train_grpo.py`: prompts -> `grpo_step` -> megatron optimizer, on the
+run skeleton (`training/loop.py`: world, stack, checkpoints, metrics, run control)."""
 
 from __future__ import annotations
 
@@ -13,24 +13,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.data.readers import read_records
 from megatron_kaja.data.records import DataFormatError
 from megatron_kaja.data.sources import DataSource
-from megatron_kaja.extras import MissingExtraError, require
-from megatron_kaja.models.llama.config import training_vocab_size
+from megatron_kaja.extras import require
 from megatron_kaja.models.llama.model import build_gpt_model
-from megatron_kaja.parallel.distributed import initialize_model_parallel
-from megatron_kaja.rl.engines import build_rollout_engine
+from megatron_kaja.rl.engines import EngineSettings, build_rollout_engine
 from megatron_kaja.rl.rollout import PromptRecord, prompt_record
 from megatron_kaja.rl.run_config import GRPORunConfig
 from megatron_kaja.rl.step import grpo_step
-from megatron_kaja.training import checkpointing
-from megatron_kaja.training.config import ConfigError
-from megatron_kaja.training.control import RunControl
-from megatron_kaja.training.metrics import MetricsWriter
-from megatron_kaja.training.setup import build_training_stack, optimizer_settings
-from megatron_kaja.training.sft import resolve_model_source
+from megatron_kaja.training.loop import Run, Trainer, run_training
+from megatron_kaja.training.loop import main as run_main
 
 logger = logging.getLogger("megatron_kaja.grpo")
 
@@ -179,188 +172,152 @@ def _mean_over_data_parallel(metrics: dict) -> dict:
     return merge_rank_metrics(per_rank)
 
 
-def train_grpo(cfg: GRPORunConfig) -> dict:
-    """Run GRPO as configured; returns the last step's metrics."""
-    from transformers import AutoTokenizer
+def rollout_generator(seed: int, iteration: int, dp_rank: int) -> torch.Generator:
+    """The sampling stream of one step on one data-parallel rank, from (seed, step, DP rank)
+    alone: identical across the TP ranks of a group and across a resume."""
+    state = np.random.SeedSequence([seed, iteration, dp_rank]).generate_state(1)
+    return torch.Generator().manual_seed(int(state[0]))
 
-    if cfg.optimizer != "adam":
-        require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
-    layout = initialize_model_parallel(
-        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
-    )
-    cfg.check_launched_world(layout.world_size)
-    dp = layout.data_parallel_size
-    if cfg.global_batch_size % (cfg.num_generations * dp):
-        raise ConfigError(
-            f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
-            f"--num-generations {cfg.num_generations} x data-parallel size {dp}"
+
+class GRPOTrainer(Trainer):
+    """`train_grpo.py`: rollouts from the policy, judge rewards, clipped loss + KL."""
+
+    run_kind = "grpo"
+    settings = GRPORunConfig
+    per_token_loss = False  # the step normalizes its own loss
+    logger = logger
+
+    def check_extras(self, cfg: GRPORunConfig) -> None:
+        if cfg.rollout_engine == "vllm":
+            require("vllm", "the vllm rollout engine (--rollout-engine vllm)")
+
+    def prepare(self, run: Run) -> int:
+        cfg = run.cfg
+        self.grpo = cfg.grpo_config()
+        self.dp = run.layout.data_parallel_size
+        self.per_rank = self.grpo.prompts_per_step // self.dp
+        # errors name file and line, before compute
+        self.prompts = load_prompts(cfg.prompts, run.tokenizer, cfg.max_prompt_length)
+        self.reward_fn = model_parallel_shared(build_reward_fn(cfg))
+        self.schedule = PromptSchedule(self.prompts, cfg.seed)
+        steps_per_epoch = max(1, len(self.prompts) // self.grpo.prompts_per_step)
+        return cfg.train_iters or cfg.train_epochs * steps_per_epoch
+
+    def start(self, run: Run, resumed: dict | None) -> None:
+        cfg, arch = run.cfg, run.arch
+        ref_source = cfg.ref_load or run.source.weights
+        if resumed is not None:
+            saved = resumed["config"]
+            ref_source = cfg.ref_load or saved.get("ref_load") or saved["load"]
+        self.ref_source = ref_source
+        self.ref_model = None
+        if self.grpo.beta > 0:
+            from megatron_kaja.checkpoint.loading import load_mcore_weights
+
+            self.ref_model = build_gpt_model(
+                arch,
+                bf16=cfg.bf16,
+                vocab_size_override=run.padded_vocab,
+                first_stage_layers=cfg.decoder_first_pipeline_num_layers,  # the policy's split
+                last_stage_layers=cfg.decoder_last_pipeline_num_layers,
+            )
+            load_mcore_weights(self.ref_model, ref_source)
+            self.ref_model.requires_grad_(False).eval()
+        tokenizer = run.tokenizer
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id
         )
-    grpo = cfg.grpo_config()
-    per_rank = grpo.prompts_per_step // dp
-    if cfg.rollout_engine == "vllm":  # before any compute
-        require("vllm", "the vllm rollout engine (--rollout-engine vllm)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    # errors name file and line, before compute
-    prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length)
-    reward_fn = model_parallel_shared(build_reward_fn(cfg))
-    arch, ckpt_vocab, resume, weights = resolve_model_source(cfg, "grpo")
-    cfg.check_preset(arch, f"--load {cfg.load}")
-    steps_per_epoch = max(1, len(prompts) // grpo.prompts_per_step)
-    train_iters = cfg.train_iters or cfg.train_epochs * steps_per_epoch
-    tp = cfg.tensor_model_parallel_size
-    padded = training_vocab_size(arch, ckpt_vocab, tp)
-    stack = build_training_stack(
-        arch,
-        **optimizer_settings(cfg),
-        **cfg.scale_build_settings(),
-        train_iters=train_iters,
-        padded_vocab_size=padded,
-        per_token_loss=False,
-    )
-    start, ref_source = 0, cfg.ref_load or weights
-    if resume:
-        state = checkpointing.load_checkpoint(cfg.load, stack, "grpo")
-        start = state["iteration"]
-        ref_source = cfg.ref_load or state["config"].get("ref_load") or state["config"]["load"]
-    else:
-        load_mcore_weights(stack.model, weights, stack.transformer_impl)
-    ref_model = None
-    if grpo.beta > 0:
-        ref_model = build_gpt_model(
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.engine = build_rollout_engine(
+            cfg.rollout_engine,
+            run.stack.model,
             arch,
-            bf16=cfg.bf16,
-            vocab_size_override=padded,
-            first_stage_layers=cfg.decoder_first_pipeline_num_layers,  # the policy's split
-            last_stage_layers=cfg.decoder_last_pipeline_num_layers,
+            EngineSettings(
+                eos_token_id=arch.eos_token_id,
+                pad_token_id=self.pad_id,
+                vocab_size=arch.vocab_size,
+                tokenizer_dir=cfg.tokenizer,
+                max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
+                gpu_memory_utilization=cfg.rollout_gpu_memory_utilization,
+                seed=cfg.seed + run.layout.dp_rank,
+                transformer_impl=run.stack.transformer_impl,
+            ),
         )
-        load_mcore_weights(ref_model, ref_source)
-        ref_model.requires_grad_(False).eval()
-    run_config = {**cfg.model_dump(mode="json"), "ref_load": str(ref_source)}
+        self.optimizer = _MegatronOptimizerStep(run.stack)
+        self.started = time.perf_counter()
 
-    is_writer = dist.get_rank() == 0
-    writer = MetricsWriter(
-        cfg.metrics_file,
-        enabled=is_writer,
-        tensorboard_dir=cfg.tensorboard_dir,
-        wandb_project=cfg.wandb_project,
-        run_config=run_config,
-    )
-    if is_writer:
-        logger.info(
-            "%d prompts, %d steps, %d prompts x %d generations per step (%d per DP rank), "
-            "DP=%d TP=%d PP=%d, %s rollout engine",
-            len(prompts), train_iters, grpo.prompts_per_step, grpo.num_generations,
-            per_rank, dp, tp, cfg.pipeline_model_parallel_size, cfg.rollout_engine,
-        )  # fmt: skip
-    schedule = PromptSchedule(prompts, cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id
-    engine = build_rollout_engine(
-        cfg.rollout_engine,
-        stack.model,
-        arch,
-        eos_token_id=arch.eos_token_id,
-        pad_token_id=pad_id,
-        vocab_size=arch.vocab_size,
-        tokenizer_dir=cfg.tokenizer,
-        max_model_len=cfg.max_prompt_length + cfg.max_new_tokens,
-        gpu_memory_utilization=cfg.rollout_gpu_memory_utilization,
-        seed=cfg.seed + layout.dp_rank,
-        transformer_impl=stack.transformer_impl,
-    )
-    optimizer = _MegatronOptimizerStep(stack)
-    generator = torch.Generator()
-    started = time.perf_counter()
-    metrics: dict = {}
+    def run_config(self, run: Run) -> dict:
+        return {**run.cfg.model_dump(mode="json"), "ref_load": str(self.ref_source)}
 
-    def save(iteration: int) -> None:
-        checkpointing.save_checkpoint(
-            cfg.save,
-            iteration,
-            stack,
-            arch=arch,
-            sampler_state={},
-            config=run_config,
-            run_kind="grpo",
+    def describe(self, run: Run) -> str:
+        cfg = run.cfg
+        return (
+            f"{len(self.prompts)} prompts, {run.train_iters} steps, {self.grpo.prompts_per_step} "
+            f"prompts x {self.grpo.num_generations} generations per step ({self.per_rank} per "
+            f"DP rank), DP={self.dp} TP={cfg.tensor_model_parallel_size} "
+            f"PP={cfg.pipeline_model_parallel_size}, {cfg.rollout_engine} rollout engine"
         )
 
-    control = RunControl(
-        train_iters=train_iters,
-        save=save if cfg.save else None,
-        save_interval=cfg.save_interval,
-        exit_interval=cfg.exit_interval,
-    )
-    iteration = start
-    while iteration < train_iters:
+    def step(self, run: Run, iteration: int, log: bool) -> list[dict]:
+        cfg, stack = run.cfg, run.stack
         lr = stack.optimizer.param_groups[0]["lr"]
-        # The sampling stream follows from (seed, step, DP rank): identical across the TP
-        # ranks of a group and across a resume.
-        seed = np.random.SeedSequence([cfg.seed, iteration, layout.dp_rank]).generate_state(1)
-        generator.manual_seed(int(seed[0]))
+        generator = rollout_generator(cfg.seed, iteration, run.layout.dp_rank)
         synced = time.perf_counter()
         stack.sync_params()  # --overlap-param-gather: the last step left shards to gather
-        engine.load_weights(stack.model)  # the weights of the last update (or of the start)
+        self.engine.load_weights(stack.model)  # the weights of the last update (or the start)
         synced = time.perf_counter() - synced
         stack.model.train()
         step_metrics = grpo_step(
             stack.model,
-            ref_model,
-            optimizer,
-            schedule.stream(iteration, layout.dp_rank, per_rank, dp),
-            reward_fn,
-            grpo,
-            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            eos_token_id=arch.eos_token_id,
-            pad_token_id=pad_id,
-            vocab_size=arch.vocab_size,
+            self.ref_model,
+            self.optimizer,
+            self.schedule.stream(iteration, run.layout.dp_rank, self.per_rank, self.dp),
+            self.reward_fn,
+            self.grpo,
+            decode=self.decode,
+            eos_token_id=run.arch.eos_token_id,
+            pad_token_id=self.pad_id,
+            vocab_size=run.arch.vocab_size,
             generator=generator,
-            num_prompts=per_rank,
-            engine=engine,
+            num_prompts=self.per_rank,
+            engine=self.engine,
         )
         stack.scheduler.step(increment=1)
-        iteration += 1
         # t_sync: weights into the engine and, inside the step, its sleep (0 for builtin).
         step_metrics.update(
-            grad_norm=optimizer.grad_norm, t_sync=step_metrics.get("t_sync", 0.0) + synced
+            grad_norm=self.optimizer.grad_norm, t_sync=step_metrics.get("t_sync", 0.0) + synced
         )
-        metrics = _mean_over_data_parallel(step_metrics)
+        metrics = _mean_over_data_parallel(step_metrics)  # a collective: every step
         metrics.update(
-            step=iteration, train_iters=train_iters, lr=lr, elapsed_s=time.perf_counter() - started
+            step=iteration + 1,
+            train_iters=run.train_iters,
+            lr=lr,
+            elapsed_s=time.perf_counter() - self.started,
         )
-        if iteration % cfg.log_interval == 0 or iteration == train_iters:
-            writer.log(metrics)
-            if is_writer:
-                logger.info(
-                    "step %d/%d | reward %.3f (std %.3f) | loss %.4f | kl %.4f | clip %.3f | "
-                    "zero-var %.2f | len %.1f | lr %.2e",
-                    iteration, train_iters, metrics["reward_mean"], metrics["reward_std"],
-                    metrics["loss"], metrics["kl"], metrics["clip_frac"],
-                    metrics["zero_variance_frac"], metrics["response_len_mean"], lr,
-                )  # fmt: skip
-        if control.after_step(iteration):
-            break
-    engine.close()
-    writer.close()
-    return metrics
+        return [metrics] if log else []
+
+    def log_line(self, m: dict) -> str:
+        return (
+            f"step {m['step']}/{m['train_iters']} | reward {m['reward_mean']:.3f} "
+            f"(std {m['reward_std']:.3f}) | loss {m['loss']:.4f} | kl {m['kl']:.4f} | "
+            f"clip {m['clip_frac']:.3f} | zero-var {m['zero_variance_frac']:.2f} | "
+            f"len {m['response_len_mean']:.1f} | lr {m['lr']:.2e}"
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def plan(self, cfg: GRPORunConfig) -> int:
+        from megatron_kaja.rl.plan import plan_grpo
+
+        return plan_grpo(cfg)
+
+
+def train_grpo(cfg: GRPORunConfig) -> dict:
+    """Run GRPO as configured; returns the last logged step's metrics."""
+    return run_training(cfg, GRPOTrainer())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train_grpo.py`."""
-    from megatron_kaja.parallel.distributed import destroy_model_parallel
-    from megatron_kaja.training.config import load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)
-    try:
-        cfg = load_config(argv, GRPORunConfig)
-        if cfg.dry_run:
-            from megatron_kaja.training.launch import plan_grpo
-
-            return plan_grpo(cfg)
-        train_grpo(cfg)
-    except (ConfigError, DataFormatError, MissingExtraError) as exc:
-        logger.error("%s", exc)
-        return 2
-    finally:
-        if dist.is_initialized():
-            destroy_model_parallel()
-    return 0
+    return run_main(GRPOTrainer(), argv)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from megatron_kaja.eval.records import load_records
-from megatron_kaja.inference import GenerationRequest, GenerationResult, build_backend
+from megatron_kaja.inference import GenerationRequest, GenerationResult
+from megatron_kaja.inference.models import build_model_backend
 from megatron_kaja.synth.config import SynthConfig
 from megatron_kaja.synth.dedup import EvalOverlapIndex, QuestionDeduplicator
 from megatron_kaja.synth.drivers import drive_async, drive_batched
@@ -281,16 +282,13 @@ def run_synthesis(cfg: SynthConfig) -> dict:
 
 
 def _build_teacher(cfg: SynthConfig):
-    if cfg.backend == "openai":
-        return build_backend(
-            "openai",
-            base_url=cfg.base_url,
-            model=cfg.model,
-            api_key=cfg.api_key,
-            max_concurrency=cfg.concurrency,
-            timeout_s=cfg.timeout_s,
-            max_attempts=cfg.max_attempts,
-        )
-    if cfg.backend == "hf":
-        return build_backend("hf", model=cfg.model, batch_size=cfg.concurrency, seed=cfg.seed)
-    return build_backend(cfg.backend, model=cfg.model, seed=cfg.seed)
+    options = {"timeout_s": cfg.timeout_s, "max_attempts": cfg.max_attempts}
+    return build_model_backend(
+        cfg.backend,
+        cfg.model,
+        base_url=cfg.base_url,
+        api_key=cfg.api_key,
+        concurrency=cfg.concurrency,
+        seed=None if cfg.backend == "openai" else cfg.seed,
+        **(options if cfg.backend == "openai" else {}),
+    )

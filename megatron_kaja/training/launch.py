@@ -19,15 +19,23 @@ from megatron_kaja.training.memory import GIB, MemoryEstimate
 
 
 class LaunchSettings(BaseModel):
-    """Fields every trainer config inherits (flags `--dry-run`, `--model-preset`, ...)."""
+    """launch and dry run"""
 
-    dry_run: bool = False  # check everything, print layout + memory, exit; no GPU needed
-    allow_missing_files: bool = False  # dry run: list files absent here instead of failing
-    model_preset: str | None = None  # architecture when --load is not on this machine
-    world_size: int | None = Field(default=None, gt=0)  # expected number of processes
-    nnodes: int | None = Field(default=None, gt=0)
-    nproc_per_node: int | None = Field(default=None, gt=0)
-    gpu_memory_gb: float = Field(default=80.0, gt=0)  # dry run: memory per GPU, GiB
+    dry_run: bool = Field(
+        default=False,
+        description="check everything, print layout + memory, exit; no GPU needed",
+    )
+    allow_missing_files: bool = Field(
+        default=False, description="dry run: list files absent here instead of failing"
+    )
+    model_preset: str | None = Field(
+        default=None,
+        description=f"architecture when --load is not on this machine ({', '.join(PRESETS)})",
+    )
+    world_size: int | None = Field(default=None, gt=0, description="expected number of processes")
+    nnodes: int | None = Field(default=None, gt=0, description="expected nodes")
+    nproc_per_node: int | None = Field(default=None, gt=0, description="processes per node")
+    gpu_memory_gb: float = Field(default=80.0, gt=0, description="dry run: memory per GPU, GiB")
 
     @model_validator(mode="after")
     def _launch_consistent(self):
@@ -175,25 +183,24 @@ class DryRunReport:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
-    def recommend(self, arch: LlamaArch, world: int, layout) -> None:
-        """Add the layout the estimator recommends for this world, micro-batch and length."""
+    def recommend(self, arch: LlamaArch, layout) -> None:
+        """Add the layout the memory estimator recommends for this world, micro-batch,
+        length and optimizer (`memory.recommend_layout`)."""
         from dataclasses import asdict
 
         from megatron_kaja.training.memory import recommend_layout
 
-        fixed = {
-            k: v
-            for k, v in asdict(layout).items()
-            if k in ("micro_batch_size", "seq_length", "distributed_optimizer", "optimizer")
-            or k in ("bf16", "flash_attention", "fp8")
-        }
+        kept = ("micro_batch_size", "seq_length", "distributed_optimizer", "optimizer", "bf16")
+        fixed = {k: v for k, v in asdict(layout).items() if k in kept}
         global_batch = layout.micro_batch_size * layout.num_micro_batches * layout.data_parallel
         found = recommend_layout(
             arch,
-            world,
+            layout.world_size,
             self.settings.gpu_memory_gb,
             gpus_per_node=min(8, self.settings.nproc_per_node or 8),
             global_batch_size=global_batch,
+            flash_attention=layout.flash_attention,
+            fp8=layout.fp8,
             **fixed,
         )
         if found is None:
@@ -226,10 +233,6 @@ def describe_arch(arch: LlamaArch, source: str) -> str:
     )
 
 
-def _recompute(granularity: str | None) -> str:
-    return granularity or "none"
-
-
 def describe_layout(layout) -> str:
     """A `TrainingLayout` as the flags that give it."""
     parts = [f"TP={layout.tensor_parallel}", f"PP={layout.pipeline_parallel}"]
@@ -239,157 +242,61 @@ def describe_layout(layout) -> str:
     if layout.sequence_parallel:
         parts.append("--sequence-parallel")
     if layout.recompute == "full":
-        n = layout.recompute_num_layers
         parts.append(f"--recompute-granularity full --recompute-method {layout.recompute_method}")
-        if n:
-            parts.append(f"--recompute-num-layers {n}")
+        if layout.recompute_num_layers:
+            parts.append(f"--recompute-num-layers {layout.recompute_num_layers}")
     elif layout.recompute == "selective":
         parts.append("--recompute-granularity selective")
     return " ".join(parts)
 
 
-def scale_layout_fields(cfg, arch: LlamaArch) -> dict:
-    """The `TrainingLayout` fields of a run's scale settings."""
-    return {
-        "recompute": _recompute(cfg.recompute_granularity),
-        "recompute_method": cfg.recompute_method or "uniform",
-        "recompute_num_layers": cfg.recompute_num_layers or None,
-        "sequence_parallel": cfg.sequence_parallel and cfg.tensor_model_parallel_size > 1,
-        "context_parallel": cfg.context_parallel_size,
-        "virtual_stages": cfg.virtual_pipeline_size(arch),
-        "first_stage_layers": cfg.decoder_first_pipeline_num_layers,
-        "last_stage_layers": cfg.decoder_last_pipeline_num_layers,
-        "fp8": cfg.fp8_format is not None,
-    }
-
-
-def _describe_optimizer(cfg) -> str:
+def describe_optimizer(cfg) -> str:
+    """The optimizer and precision in a dry run's layout line."""
     if cfg.optimizer != "adam":
-        return f"{cfg.optimizer} optimizer (bitsandbytes, replicated)"
-    return f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer"
+        kind = f"{cfg.optimizer} optimizer (bitsandbytes, replicated)"
+    else:
+        kind = f"{'distributed' if cfg.use_distributed_optimizer else 'replicated'} optimizer"
+    return f"{kind}; {'bf16' if cfg.bf16 else 'fp32'}"
 
 
-def plan_sft(cfg) -> int:
-    """`pretrain_sft.py --dry-run`: check the run as configured, print layout and memory."""
-    from megatron_kaja.data import parse_weighted_paths
-    from megatron_kaja.training.memory import TrainingLayout, estimate_memory
+def start_plan(cfg, title: str) -> tuple[DryRunReport, LlamaArch, int]:
+    """The dry-run steps every trainer shares: architecture, world and layout.
 
-    report = DryRunReport("pretrain_sft.py", cfg)
+    Returns the report (with the model and world lines), the architecture and the
+    data-parallel size; the batch layout is checked by the settings' one rule."""
+    report = DryRunReport(title, cfg)
     arch, source = resolve_architecture(cfg.load, cfg)
     report.add(describe_arch(arch, source))
     world, world_source = world_size_for_plan(cfg)
-    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    report.check_layout(arch, tp, pp, cfg)
+    report.check_layout(arch, cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg)
     dp = cfg.check_world(world)
-    accumulation = cfg.gradient_accumulation_steps(dp)
     report.add(f"world: {world} processes ({world_source})")
-    report.add(
-        f"layout: TP={tp} x PP={pp} x DP={dp}; micro-batch {cfg.micro_batch_size} x "
-        f"{accumulation} accumulation steps x DP {dp} = global batch {cfg.global_batch_size} "
-        f"rows of {cfg.seq_length} tokens; recompute {_recompute(cfg.recompute_granularity)}; "
-        f"{_describe_optimizer(cfg)}; "
-        f"{'bf16' if cfg.bf16 else 'fp32'}; scale: {cfg.describe_scale()}"
-    )
-    data = [s.path for s in parse_weighted_paths(cfg.train_data)]
-    if cfg.valid_data:
-        data += [s.path for s in parse_weighted_paths(cfg.valid_data)]
-    report.check_files(
-        [("--load", cfg.load), ("--tokenizer", cfg.tokenizer)]
-        + [("--train-data/--valid-data", p) for p in data]
-        + [("--chat-template", cfg.chat_template)]
-    )
-    report.check_tokenizer(cfg.tokenizer, arch)
-    layout = TrainingLayout(
-        tensor_parallel=tp,
-        pipeline_parallel=pp,
-        data_parallel=dp,
+    return report, arch, dp
+
+
+def plan_layout(cfg, data_parallel: int, seq_length: int, num_micro_batches: int, arch: LlamaArch):
+    """The memory estimate's view of a run: its split, micro-batches, recompute, optimizer
+    and scale settings."""
+    from megatron_kaja.training.memory import TrainingLayout
+
+    return TrainingLayout(
+        tensor_parallel=cfg.tensor_model_parallel_size,
+        pipeline_parallel=cfg.pipeline_model_parallel_size,
+        data_parallel=data_parallel,
         micro_batch_size=cfg.micro_batch_size,
-        seq_length=cfg.seq_length,
-        num_micro_batches=accumulation,
+        seq_length=seq_length,
+        num_micro_batches=num_micro_batches,
+        recompute=cfg.recompute_granularity or "none",
+        recompute_method=cfg.recompute_method or "uniform",
+        recompute_num_layers=cfg.recompute_num_layers or None,
+        sequence_parallel=cfg.sequence_parallel and cfg.tensor_model_parallel_size > 1,
+        context_parallel=cfg.context_parallel_size,
+        virtual_stages=cfg.virtual_pipeline_size(arch),
+        first_stage_layers=cfg.decoder_first_pipeline_num_layers,
+        last_stage_layers=cfg.decoder_last_pipeline_num_layers,
         distributed_optimizer=cfg.use_distributed_optimizer,
         optimizer=cfg.optimizer,
         bf16=cfg.bf16,
+        fp8=cfg.fp8_format is not None,
         flash_attention=cfg.transformer_impl != "local",
-        **scale_layout_fields(cfg, arch),
     )
-    report.recommend(arch, world, layout)
-    return report.finish(estimate_memory(arch, layout))
-
-
-def plan_grpo(cfg) -> int:
-    """`train_grpo.py --dry-run`: check the run as configured, print layout and memory."""
-    from megatron_kaja.training.memory import TrainingLayout, estimate_grpo_memory
-
-    report = DryRunReport("train_grpo.py", cfg)
-    arch, source = resolve_architecture(cfg.load, cfg)
-    report.add(describe_arch(arch, source))
-    world, world_source = world_size_for_plan(cfg)
-    tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    report.check_layout(arch, tp, pp, cfg)
-    if world % (tp * pp):
-        raise ConfigError(
-            f"{world} processes cannot hold --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}"
-        )
-    dp = world // (tp * pp)
-    grpo = cfg.grpo_config()
-    if cfg.global_batch_size % (cfg.num_generations * dp):
-        raise ConfigError(
-            f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
-            f"--num-generations {cfg.num_generations} x data-parallel size {dp}"
-        )
-    per_rank = cfg.global_batch_size // dp  # completions per DP rank and step
-    accumulation = -(-per_rank // cfg.micro_batch_size)
-    seq = cfg.max_prompt_length + cfg.max_new_tokens
-    report.add(f"world: {world} processes ({world_source})")
-    report.add(
-        f"layout: TP={tp} x PP={pp} x DP={dp}; {grpo.prompts_per_step} prompts x "
-        f"{cfg.num_generations} "
-        f"generations = {cfg.global_batch_size} completions per step, {per_rank} per DP rank "
-        f"= micro-batch {cfg.micro_batch_size} x {accumulation} accumulation steps; sequences "
-        f"<= {cfg.max_prompt_length} prompt + {cfg.max_new_tokens} new tokens; "
-        f"{_describe_optimizer(cfg)}; "
-        f"{'bf16' if cfg.bf16 else 'fp32'}; reference model: "
-        f"{'yes (beta ' + str(cfg.beta) + ')' if cfg.beta > 0 else 'none (beta 0)'}"
-    )
-    judge = ", ".join(cfg.reward)
-    if any(s.partition(":")[0] == "judge" for s in cfg.reward):
-        judge += f" ({cfg.judge_backend} judge {cfg.judge_model} at {cfg.judge_base_url})"
-    report.add(f"reward: {judge}; the judge is not contacted by a dry run")
-    prompt_files = [("--prompts", spec.rpartition(":")[0]) for spec in cfg.prompts]
-    report.check_files(
-        [
-            ("--load", cfg.load),
-            ("--ref-load", cfg.ref_load),
-            ("--tokenizer", cfg.tokenizer),
-            *prompt_files,
-        ]
-    )
-    report.check_tokenizer(cfg.tokenizer, arch)
-    layout = TrainingLayout(
-        tensor_parallel=tp,
-        pipeline_parallel=pp,
-        data_parallel=dp,
-        micro_batch_size=cfg.micro_batch_size,
-        seq_length=seq,
-        num_micro_batches=accumulation,
-        distributed_optimizer=cfg.use_distributed_optimizer,
-        optimizer=cfg.optimizer,
-        bf16=cfg.bf16,
-        **scale_layout_fields(cfg, arch),
-    )
-    report.add(
-        f"rollouts: {cfg.rollout_engine} engine, "
-        f"{min(per_rank, cfg.rollout_batch_size or per_rank)} sequences sampled at once"
-    )
-    estimate = estimate_grpo_memory(
-        arch,
-        layout,
-        rollout_sequences=min(per_rank, cfg.rollout_batch_size or per_rank),
-        prompt_length=cfg.max_prompt_length,
-        max_new_tokens=cfg.max_new_tokens,
-        reference_model=cfg.beta > 0,
-        rollout_engine=cfg.rollout_engine,
-        vllm_bytes=int(cfg.rollout_gpu_memory_utilization * cfg.gpu_memory_gb * GIB),
-    )
-    return report.finish(estimate)

@@ -21,7 +21,7 @@ FP8Recipe = Literal[FP8_RECIPES]  # type: ignore[valid-type]
 
 
 class ScaleSettings(BaseModel):
-    """Megatron-LM's scale flags (field names are the flags without dashes)."""
+    """scale: sequence / context parallelism, overlap, pipeline schedule, recompute, FP8"""
 
     sequence_parallel: bool = Field(
         default=False,

@@ -4,30 +4,39 @@ for a training run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.model import build_model_chunks, default_transformer_impl
 from megatron_kaja.training.bnb_optimizer import Bnb8bitOptimizer
 
+if TYPE_CHECKING:  # megatron-core costs seconds to import: only where a stack is built
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 
 @dataclass
 class TrainingStack:
-    model_chunks: list  # this rank's GPTModel stage: one chunk, or one per virtual stage
-    ddp_chunks: list  # the megatron DistributedDataParallel wrapper around each chunk
-    optimizer: object  # megatron's optimizer, or a Bnb8bitOptimizer
-    scheduler: object
-    transformer_impl: str
+    """This rank's model stage (one chunk, or one per virtual stage) and what trains it."""
+
+    model_chunks: list[GPTModel]  # this rank's pipeline stage, chunk by chunk
+    ddp_chunks: list[DistributedDataParallel]  # megatron's wrapper around each chunk
+    optimizer: MegatronOptimizer | Bnb8bitOptimizer
+    scheduler: OptimizerParamScheduler
+    transformer_impl: str  # the attention backend's name (`models/llama/attention.py`)
     optimizer_kind: str  # the --optimizer value: "adam" (megatron) or a BNB_OPTIMIZERS key
 
     @property
-    def model(self):
+    def model(self) -> GPTModel:
         """The model of a rank that holds one chunk (no interleaved pipeline)."""
         if len(self.model_chunks) != 1:
             raise ValueError("this rank holds several model chunks (interleaved pipeline)")
         return self.model_chunks[0]
 
     @property
-    def ddp(self):
+    def ddp(self) -> DistributedDataParallel:
         """The DDP wrapper of a rank that holds one chunk."""
         if len(self.ddp_chunks) != 1:
             raise ValueError("this rank holds several model chunks (interleaved pipeline)")
@@ -49,49 +58,6 @@ class TrainingStack:
     def set_train(self, mode: bool = True) -> None:
         for chunk in self.ddp_chunks:
             chunk.train(mode)
-
-
-# The model / communication keywords of `build_training_stack` that run configs name as
-# Megatron-LM's flags do (`--sequence-parallel`, `--overlap-grad-reduce`, ...).
-SCALE_FIELDS = (
-    "sequence_parallel",
-    "overlap_grad_reduce",
-    "overlap_param_gather",
-    "ddp_bucket_size",
-    "recompute_granularity",
-    "recompute_method",
-    "recompute_num_layers",
-    "decoder_first_pipeline_num_layers",
-    "decoder_last_pipeline_num_layers",
-    "fp8_format",
-    "fp8_recipe",
-)
-
-
-def scale_settings(cfg) -> dict:
-    """The scale keywords of `build_training_stack` from a run config (those it declares)."""
-    return {name: getattr(cfg, name) for name in SCALE_FIELDS if hasattr(cfg, name)}
-
-
-OPTIMIZER_FIELDS = (
-    "lr",
-    "min_lr",
-    "lr_warmup_iters",
-    "lr_decay_style",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "clip_grad",
-    "bf16",
-    "optimizer",
-    "use_distributed_optimizer",
-)
-
-
-def optimizer_settings(cfg) -> dict:
-    """The optimizer / schedule keywords of `build_training_stack` from a run config (SFT's
-    or GRPO's: both name these fields as Megatron-LM's flags do)."""
-    return {name: getattr(cfg, name) for name in OPTIMIZER_FIELDS}
 
 
 def build_training_stack(

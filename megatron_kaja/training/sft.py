@@ -4,70 +4,31 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
-from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.data import (
     PackedRowSampler,
     SFTDataConfig,
-    build_attention_mask,
     build_sft_dataset,
     collate_packed_rows,
     parse_weighted_paths,
 )
-from megatron_kaja.extras import require
-from megatron_kaja.models.llama.config import LlamaArch, training_vocab_size
+from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
-from megatron_kaja.parallel.distributed import (
-    ParallelLayout,
-    initialize_model_parallel,
-    set_virtual_pipeline_size,
-)
-from megatron_kaja.training import checkpointing
+from megatron_kaja.parallel.distributed import ParallelLayout
 from megatron_kaja.training.config import ConfigError, SFTConfig
-from megatron_kaja.training.control import RunControl
+from megatron_kaja.training.loop import Run, Trainer, device_batch, rank0_first, run_training
+from megatron_kaja.training.loop import main as run_main
 from megatron_kaja.training.metrics import (
-    MetricsWriter,
     Throughput,
     default_peak_tflops,
     format_log_line,
     training_flops_per_token,
 )
-from megatron_kaja.training.scale import check_scale_extras
-from megatron_kaja.training.setup import build_training_stack, optimizer_settings
 
 logger = logging.getLogger("megatron_kaja.train")
-
-
-def _rank0_first(fn):
-    """Run `fn` on rank 0, then on the others (they reuse rank 0's tokenization cache)."""
-    if dist.get_rank() == 0:
-        result = fn()
-        dist.barrier()
-    else:
-        dist.barrier()
-        result = fn()
-    return result
-
-
-def resolve_model_source(cfg, run_kind: str) -> tuple[LlamaArch, int | None, bool, Path]:
-    """Where a run starts: (architecture, the checkpoint's padded vocab, resume?, weights).
-
-    `--load` may be a converted checkpoint (weights), a training run of the same kind
-    (resumed: weights, optimizer, schedule, data position, RNG) or a run of the other kind
-    (its latest weights: GRPO starts from an SFT run's folder).
-    """
-    if cfg.load is None:
-        raise ConfigError("--load is required: training starts from a converted checkpoint")
-    found = checkpointing.latest_checkpoint(cfg.load)
-    resume = found is not None and found[1] == run_kind
-    weights = checkpointing.iteration_dir(cfg.load, found[0]) if found else cfg.load
-    reader = open_mcore_checkpoint(weights)
-    return reader.arch, reader.padded_vocab, resume, Path(weights)
 
 
 def _data_config(cfg: SFTConfig, paths: list[str]) -> SFTDataConfig:
@@ -92,61 +53,11 @@ def _loss_func(batch: dict, vocab_size: int, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
-def _packed_seq_params(batch: dict):
-    """transformer-engine's packed (THD) attention: the micro-batch's rows as one sequence
-    of samples delimited by `cu_seqlens` (no padding compute, positions restart per sample)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    max_seqlen = int(batch["max_seqlen"])
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=batch["cu_seqlens"],
-        cu_seqlens_kv=batch["cu_seqlens"],
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )
-
-
-def _forward_step(vocab_size: int, transformer_impl: str, data_iterator, model):
-    """Packed rows -> vocab-parallel logits (last stage) or hidden states (other stages).
-
-    - transformer-engine: the THD layout (rows flattened into one packed sequence).
-    - sdpa: the samples' boundaries (`cu_seqlens`); on GPU torch's varlen flash kernel
-      attends within them.
-    - local: a per-sample causal mask `[b, 1, s, s]`.
-    Outside THD, megatron's RoPE numbers a row's tokens 0..s-1 rather than per sample; as
-    attention stays inside a sample and RoPE scores depend only on relative positions, this
-    equals restarting positions up to rounding.
-    """
-    batch = next(data_iterator)
-    b, s = batch["tokens"].shape
-    if transformer_impl == "transformer_engine":
-        flat = {
-            k: batch[k].reshape(1, b * s) for k in ("tokens", "position_ids", "labels", "loss_mask")
-        }
-        output = model(
-            flat["tokens"], flat["position_ids"], None, packed_seq_params=_packed_seq_params(batch)
-        )
-        return output, partial(_loss_func, flat, vocab_size)
-    if transformer_impl == "sdpa":
-        from megatron_kaja.models.llama.sdpa import packed_seq_params
-
-        output = model(
-            batch["tokens"],
-            batch["position_ids"],
-            None,
-            packed_seq_params=packed_seq_params(batch["cu_seqlens"], s),
-        )
-    else:
-        mask = build_attention_mask(batch["cu_seqlens"], b, s)
-        output = model(batch["tokens"], batch["position_ids"], mask)
+def _forward_step(vocab_size: int, attention: AttentionBackend, data_iterator, model):
+    """Packed rows -> vocab-parallel logits (last stage) or hidden states (other stages), fed
+    as the attention backend feeds them (`models/llama/attention.py`)."""
+    output, batch = attention.forward(model, next(data_iterator))
     return output, partial(_loss_func, batch, vocab_size)
-
-
-def _device_batch(batch: dict) -> dict:
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def run_global_batch(
@@ -156,16 +67,16 @@ def run_global_batch(
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    micro_batch_size = micro_batches[0]["tokens"].shape[0]
-    if stack.transformer_impl == "transformer_engine":
-        # THD: each micro-batch travels between pipeline stages as one packed sequence.
-        seq_length, micro_batch_size = seq_length * micro_batch_size, 1
-    batches = [_device_batch(mb) for mb in micro_batches]
+    attention = attention_backend(stack.transformer_impl)
+    seq_length, micro_batch_size = attention.schedule_shape(
+        seq_length, micro_batches[0]["tokens"].shape[0]
+    )
+    batches = [device_batch(mb) for mb in micro_batches]
     # Under an interleaved pipeline every model chunk reads each micro-batch (the first
     # chunk its tokens, all of them its mask and positions, the last its labels).
     iterators = [iter(batches) for _ in stack.ddp_chunks]
     outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, vocab_size, stack.transformer_impl),
+        forward_step_func=partial(_forward_step, vocab_size, attention),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=stack.ddp_chunks,
         num_microbatches=len(micro_batches),
@@ -216,182 +127,147 @@ def evaluate(stack, dataset, layout: ParallelLayout, cfg: SFTConfig, vocab_size:
     return loss_sum / max(tokens, 1.0)
 
 
-def train(cfg: SFTConfig) -> dict:
-    """Run SFT as configured; returns the last logged metrics (on every rank)."""
-    from transformers import AutoTokenizer
+class SFTTrainer(Trainer):
+    """`pretrain_sft.py`: packed chat rows, token-mean cross-entropy on the answers."""
 
-    if cfg.optimizer != "adam":
-        require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
-    check_scale_extras(cfg)
-    if cfg.context_parallel_size > 1:
-        # transformer-engine's ring attention over packed (THD) rows needs every sample
-        # padded to a multiple of 2 x CP, which the packer does not do yet.
-        raise ConfigError(
-            "--context-parallel-size > 1: SFT's packed rows are not split over context-"
-            "parallel ranks yet (each sample would need padding to 2 x CP tokens)"
-        )
-    layout = initialize_model_parallel(
-        cfg.tensor_model_parallel_size,
-        cfg.pipeline_model_parallel_size,
-        seed=cfg.seed,
-        context_parallel_size=cfg.context_parallel_size,
-    )
-    cfg.check_launched_world(layout.world_size)
-    dp = cfg.check_world(layout.world_size)
-    arch, ckpt_padded_vocab, resume, weights = resolve_model_source(cfg, "sft")
-    cfg.check_preset(arch, f"--load {cfg.load}")
-    set_virtual_pipeline_size(cfg.virtual_pipeline_size(arch))
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
-    if len(tokenizer) > arch.vocab_size:
-        raise ConfigError(
-            f"--tokenizer has {len(tokenizer)} tokens, the model only {arch.vocab_size}"
-        )
-    train_set = _rank0_first(
-        lambda: build_sft_dataset(_data_config(cfg, cfg.train_data), tokenizer)
-    )
-    valid_set = None
-    if cfg.valid_data:
-        valid_set = _rank0_first(
-            lambda: build_sft_dataset(_data_config(cfg, cfg.valid_data), tokenizer)
-        )
-    sampler = PackedRowSampler(
-        len(train_set),
-        cfg.micro_batch_size,
-        cfg.global_batch_size,
-        layout.dp_rank,
-        dp,
-        seed=cfg.seed,
-    )
-    train_iters = cfg.train_iters or cfg.train_epochs * sampler.global_batches_per_epoch
-    tp = cfg.tensor_model_parallel_size
-    stack = build_training_stack(
-        arch,
-        **optimizer_settings(cfg),
-        train_iters=train_iters,
-        adam_eps=cfg.adam_eps,
-        **cfg.scale_build_settings(),
-        transformer_impl=cfg.transformer_impl,
-        padded_vocab_size=training_vocab_size(arch, ckpt_padded_vocab, tp),
-    )
-    start = 0
-    if resume:
-        state = checkpointing.load_checkpoint(cfg.load, stack, "sft")
-        start = state["iteration"]
-        sampler.load_state_dict(state["sampler"])
-    else:
-        load_mcore_weights(stack.model_chunks, weights, stack.transformer_impl)
+    run_kind = "sft"
+    settings = SFTConfig
+    per_token_loss = True
+    logger = logger
 
-    is_writer = dist.get_rank() == dist.get_world_size() - 1  # a last-stage rank
-    writer = MetricsWriter(
-        cfg.metrics_file,
-        enabled=is_writer,
-        tensorboard_dir=cfg.tensorboard_dir,
-        wandb_project=cfg.wandb_project,
-        wandb_name=cfg.wandb_exp_name,
-        run_config=cfg.model_dump(mode="json"),
-    )
-    stats = train_set.stats
-    if is_writer:
-        logger.info(
-            "data: %d samples -> %d rows of %d (utilization %.2f%%, truncated %d, dropped %d); "
-            "%d iterations, %d micro-batches of %d per DP rank per step, DP=%d TP=%d PP=%d",
-            stats.num_samples, stats.num_rows, cfg.seq_length, 100 * stats.utilization,
-            stats.truncated, stats.dropped, train_iters, cfg.gradient_accumulation_steps(dp),
-            cfg.micro_batch_size, dp, tp, cfg.pipeline_model_parallel_size,
-        )  # fmt: skip
-    peak = cfg.peak_tflops or default_peak_tflops()
-    flops_per_token = training_flops_per_token(arch, cfg.seq_length)
-    tokens_per_step = cfg.global_batch_size * cfg.seq_length
-    throughput = Throughput(train_iters, start)
-    accumulation = cfg.gradient_accumulation_steps(dp)
-    sampler_iter = iter(sampler)
-    record: dict = {}
+    def check_extras(self, cfg) -> None:
+        if cfg.context_parallel_size > 1:
+            # transformer-engine's ring attention over packed (THD) rows needs every sample
+            # padded to a multiple of 2 x CP, which the packer does not do yet.
+            raise ConfigError(
+                "--context-parallel-size > 1: SFT's packed rows are not split over context-"
+                "parallel ranks yet (each sample would need padding to 2 x CP tokens)"
+            )
 
-    def save(iteration: int) -> None:
-        checkpointing.save_checkpoint(
-            cfg.save,
-            iteration,
-            stack,
-            arch=arch,
-            sampler_state=sampler.state_dict(),
-            config=cfg.model_dump(mode="json"),
-            run_kind="sft",
-            optimizer_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable,
+    def prepare(self, run: Run) -> int:
+        cfg = run.cfg
+        self.train_set = rank0_first(
+            lambda: build_sft_dataset(_data_config(cfg, cfg.train_data), run.tokenizer)
+        )
+        self.valid_set = None
+        if cfg.valid_data:
+            self.valid_set = rank0_first(
+                lambda: build_sft_dataset(_data_config(cfg, cfg.valid_data), run.tokenizer)
+            )
+        self.dp = run.layout.data_parallel_size
+        self.sampler = PackedRowSampler(
+            len(self.train_set),
+            cfg.micro_batch_size,
+            cfg.global_batch_size,
+            run.layout.dp_rank,
+            self.dp,
+            seed=cfg.seed,
+        )
+        return cfg.train_iters or cfg.train_epochs * self.sampler.global_batches_per_epoch
+
+    def start(self, run: Run, resumed: dict | None) -> None:
+        cfg = run.cfg
+        if resumed is not None:
+            self.sampler.load_state_dict(resumed["sampler"])
+        self.sampler_iter = iter(self.sampler)
+        self.throughput = Throughput(run.train_iters, run.start)
+        self.tokens_per_step = cfg.global_batch_size * cfg.seq_length
+        self.flops_per_token = training_flops_per_token(run.arch, cfg.seq_length)
+        self.peak = cfg.peak_tflops or default_peak_tflops()
+
+    def checkpoint_state(self) -> dict:
+        return self.sampler.state_dict()
+
+    def describe(self, run: Run) -> str:
+        cfg, stats = run.cfg, self.train_set.stats
+        return (
+            f"data: {stats.num_samples} samples -> {stats.num_rows} rows of {cfg.seq_length} "
+            f"(utilization {100 * stats.utilization:.2f}%, truncated {stats.truncated}, "
+            f"dropped {stats.dropped}); {run.train_iters} iterations, "
+            f"{cfg.gradient_accumulation_steps(self.dp)} micro-batches of "
+            f"{cfg.micro_batch_size} per DP rank per step, DP={self.dp} "
+            f"TP={cfg.tensor_model_parallel_size} PP={cfg.pipeline_model_parallel_size}"
         )
 
-    control = RunControl(
-        train_iters=train_iters,
-        save=save if cfg.save else None,
-        save_interval=cfg.save_interval,
-        exit_interval=cfg.exit_interval,
-        handle_sigterm=cfg.exit_signal_handler,
-    )
-    iteration = start
-    while iteration < train_iters:
+    def step(self, run: Run, iteration: int, log: bool) -> list[dict]:
+        cfg, stack = run.cfg, run.stack
         lr = stack.optimizer.param_groups[0]["lr"]
         stack.zero_grad_buffers()
         stack.optimizer.zero_grad()
-        micro = _micro_batches(train_set, sampler_iter, accumulation)
-        loss_sum, tokens = run_global_batch(stack, micro, cfg.seq_length, False, arch.vocab_size)
+        micro = _micro_batches(
+            self.train_set, self.sampler_iter, cfg.gradient_accumulation_steps(self.dp)
+        )
+        loss_sum, tokens = run_global_batch(
+            stack, micro, cfg.seq_length, False, run.arch.vocab_size
+        )
         success, grad_norm, _ = stack.optimizer.step()
         stack.scheduler.step(increment=1)
-        iteration += 1
-        if iteration % cfg.log_interval == 0 or iteration == train_iters:
-            speed = throughput.report(iteration, tokens_per_step)
+        step = iteration + 1
+        records = []
+        if log:
+            speed = self.throughput.report(step, self.tokens_per_step)
             mfu = None
-            if peak:
-                mfu = speed["tokens_per_s"] * flops_per_token / (peak * 1e12 * layout.world_size)
-            record = {
-                "step": iteration,
-                "train_iters": train_iters,
-                "loss": loss_sum / max(tokens, 1.0),
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens": tokens_per_step,
-                "loss_tokens": int(tokens),
-                "skipped": not success,
-                "mfu": mfu,
-                **speed,
-            }
-            writer.log(record)
-            if is_writer:
-                logger.info(format_log_line(record))
-        if valid_set is not None and cfg.eval_interval and iteration % cfg.eval_interval == 0:
-            valid_loss = evaluate(stack, valid_set, layout, cfg, arch.vocab_size)
-            writer.log({"step": iteration, "valid_loss": valid_loss})
-            if is_writer:
-                logger.info("step %d | valid loss %.4f", iteration, valid_loss)
-        if control.after_step(iteration):
-            if is_writer and iteration < train_iters:
-                logger.info("exiting at iteration %d (SIGTERM or --exit-interval)", iteration)
-            break
-    writer.close()
-    return record
+            if self.peak:
+                flops = speed["tokens_per_s"] * self.flops_per_token
+                mfu = flops / (self.peak * 1e12 * run.layout.world_size)
+            records.append(
+                {
+                    "step": step,
+                    "train_iters": run.train_iters,
+                    "loss": loss_sum / max(tokens, 1.0),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "tokens": self.tokens_per_step,
+                    "loss_tokens": int(tokens),
+                    "skipped": not success,
+                    "mfu": mfu,
+                    **speed,
+                }
+            )
+        if self.valid_set is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
+            valid_loss = evaluate(stack, self.valid_set, run.layout, cfg, run.arch.vocab_size)
+            records.append({"step": step, "valid_loss": valid_loss})
+        return records
+
+    def log_line(self, record: dict) -> str:
+        if "valid_loss" in record:
+            return f"step {record['step']} | valid loss {record['valid_loss']:.4f}"
+        return format_log_line(record)
+
+    def plan(self, cfg: SFTConfig) -> int:
+        """`pretrain_sft.py --dry-run`: check the run as configured, print layout and memory."""
+        from megatron_kaja.training.launch import describe_optimizer, plan_layout, start_plan
+        from megatron_kaja.training.memory import estimate_memory
+
+        report, arch, dp = start_plan(cfg, "pretrain_sft.py")
+        tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
+        accumulation = cfg.gradient_accumulation_steps(dp)
+        recompute = cfg.recompute_granularity or "none"
+        report.add(
+            f"layout: TP={tp} x PP={pp} x DP={dp}; micro-batch {cfg.micro_batch_size} x "
+            f"{accumulation} accumulation steps x DP {dp} = global batch "
+            f"{cfg.global_batch_size} rows of {cfg.seq_length} tokens; recompute {recompute}; "
+            f"{describe_optimizer(cfg)}; scale: {cfg.describe_scale()}"
+        )
+        data = [s.path for s in parse_weighted_paths(cfg.train_data)]
+        if cfg.valid_data:
+            data += [s.path for s in parse_weighted_paths(cfg.valid_data)]
+        report.check_files(
+            [("--load", cfg.load), ("--tokenizer", cfg.tokenizer)]
+            + [("--train-data/--valid-data", p) for p in data]
+            + [("--chat-template", cfg.chat_template)]
+        )
+        report.check_tokenizer(cfg.tokenizer, arch)
+        layout = plan_layout(cfg, dp, cfg.seq_length, accumulation, arch)
+        report.recommend(arch, layout)
+        return report.finish(estimate_memory(arch, layout))
+
+
+def train(cfg: SFTConfig) -> dict:
+    """Run SFT as configured; returns the last logged metrics."""
+    return run_training(cfg, SFTTrainer())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `pretrain_sft.py`."""
-    from megatron_kaja.training.config import load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its INFO dumps every bucket
-    try:
-        cfg = load_config(argv)
-    except ConfigError as exc:
-        logger.error("%s", exc)
-        return 2
-    try:
-        if cfg.dry_run:
-            from megatron_kaja.training.launch import plan_sft
-
-            return plan_sft(cfg)
-        train(cfg)
-    except ConfigError as exc:
-        logger.error("%s", exc)
-        return 2
-    finally:
-        from megatron_kaja.parallel.distributed import destroy_model_parallel
-
-        if dist.is_initialized():
-            destroy_model_parallel()
-    return 0
+    return run_main(SFTTrainer(), argv)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from megatron_kaja.extras import is_available, require
+from megatron_kaja.extras import is_available
+from megatron_kaja.models.llama.attention import (
+    attention_backend,
+    attention_backend_names,
+)
 from megatron_kaja.models.llama.config import LlamaArch, padded_vocab_size, transformer_config
-from megatron_kaja.models.llama.norm import RMSNorm, with_rmsnorm
 
-TRANSFORMER_IMPLS = ("local", "sdpa", "transformer_engine")
+TRANSFORMER_IMPLS = attention_backend_names()
 
 
 def default_transformer_impl() -> str:
@@ -20,44 +23,25 @@ def default_transformer_impl() -> str:
 
 
 def layer_spec(transformer_impl: str = "local"):
-    """The megatron-core `ModuleSpec` of one llm-jp-3 decoder layer.
-
-    `local` and `sdpa` build their norms as our `RMSNorm` (which supports sequence
-    parallelism; megatron-core's torch fallback does not), transformer-engine its own.
-    """
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    if transformer_impl == "local":
-        return with_rmsnorm(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
-    if transformer_impl == "sdpa":
-        from megatron_kaja.models.llama.sdpa import sdpa_layer_spec
-
-        return with_rmsnorm(sdpa_layer_spec())
-    if transformer_impl == "transformer_engine":
-        require("transformer_engine", "the transformer-engine layer spec")
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    raise ValueError(f"transformer impl {transformer_impl!r}: use one of {TRANSFORMER_IMPLS}")
+    """The megatron-core `ModuleSpec` of one llm-jp-3 decoder layer."""
+    return attention_backend(transformer_impl).layer_spec()
 
 
 def block_spec(transformer_impl: str, config, vp_stage: int | None = None):
     """The decoder block of this rank's pipeline stage (model chunk `vp_stage`): its layers
-    and the final norm. Given a bare layer spec megatron-core picks the final norm itself
-    (TE's, apex's, or the torch fallback that refuses sequence parallelism), so the block
-    names it: our `RMSNorm` for `local` / `sdpa`."""
+    and the final norm. Given a bare layer spec, megatron-core picks the final norm itself
+    (TE's, apex's, or a torch fallback that refuses sequence parallelism), so the block
+    takes it from the attention backend."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
 
-    layer = layer_spec(transformer_impl)
-    if transformer_impl == "transformer_engine":
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        final_norm = TENorm
-    else:
-        final_norm = RMSNorm
+    backend = attention_backend(transformer_impl)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * count, layer_norm=final_norm)
+    return TransformerBlockSubmodules(
+        layer_specs=[backend.layer_spec()] * count, layer_norm=backend.final_norm()
+    )
 
 
 def build_gpt_model(
@@ -74,22 +58,21 @@ def build_gpt_model(
     """Build this rank's stage of the model; megatron parallel state must be initialized.
 
     `config_kwargs` go to `transformer_config` (bf16, recompute, dropout, sequence
-    parallelism, ...). The TP, PP and virtual-pipeline sizes come from the initialized
-    parallel state; `vp_stage` picks the model chunk under interleaving (`build_model_chunks`
-    builds them all). The padded vocabulary is Megatron's rule unless `vocab_size_override`
-    (e.g. a checkpoint's padded size) is given.
+    parallelism, ...). The TP, PP, virtual-pipeline and context-parallel sizes come from the
+    initialized parallel state; `vp_stage` picks the model chunk under interleaving
+    (`build_model_chunks` builds them all). The padded vocabulary is Megatron's rule unless
+    `vocab_size_override` (e.g. a checkpoint's padded size) is given.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     config = transformer_config(
         arch,
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
-        virtual_pipeline_parallel_size=vpp,
+        virtual_pipeline_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
         context_parallel_size=ps.get_context_parallel_world_size(),
         **config_kwargs,
     )
