@@ -124,7 +124,7 @@ class GRPORunConfig(RunSettings):
         if any(s.partition(":")[0] == "judge" for s in self.reward) and not self.judge_model:
             raise ValueError("--reward judge needs --judge-model (and --judge-base-url for openai)")
         for name, why in GRPO_UNSUPPORTED_SCALE.items():
-            if getattr(self, name) not in (None, False, 1):
+            if getattr(self, name) != type(self).model_fields[name].default:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag}: not supported by train_grpo.py ({why})")
         self.grpo_config()  # validates the algorithm settings now, naming the field
