@@ -214,6 +214,10 @@ def main(tmp: str) -> None:
     vpp = run({"pp": 2, "vpp": 2})
     results["vpp_pp2x2_vs_pp1"] = compare(pp1, vpp)
     results["vpp_pp2x2_vs_pp2"] = compare(run({"pp": 2}), vpp)
+    # More micro-batches than stages (DP=1: 4 per step), with TP=2 and SP: the interleaved
+    # schedule's steady state, where sends to the next and previous stage meet.
+    tp_vpp_sp = run({"tp": 2, "pp": 2, "vpp": 2, "sequence_parallel": True})
+    results["vpp_tp2_pp2x2_sp_4_micro_vs_pp1"] = compare(pp1, tp_vpp_sp)
     # Each recompute setting against none (TP=2 x DP=2 with the distributed optimizer).
     for name, setting in {
         "full_uniform": {"recompute_granularity": "full", "recompute_method": "uniform"},

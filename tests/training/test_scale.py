@@ -23,6 +23,7 @@ WORKER = REPO / "tests" / "training" / "scale_worker.py"
 def results(tmp_path_factory):
     out = run_torchrun(WORKER, 4, str(tmp_path_factory.mktemp("scale")), timeout=1200)
     line = next(row for row in out.splitlines() if row.startswith("RESULT "))
+    print(line)  # the measured differences (pytest -s shows them)
     return json.loads(line.removeprefix("RESULT "))
 
 
@@ -53,6 +54,9 @@ def test_interleaved_pipeline_equals_one_stage(results):
     # Against the non-interleaved schedule of the same split: the same sums.
     assert results["vpp_pp2x2_vs_pp2"]["loss"] <= 1e-6
     assert results["vpp_pp2x2_vs_pp2"]["weights"] <= 1e-6
+    # 4 micro-batches on 2 stages (the steady state), TP=2 with SP: as against PP=1 above.
+    assert results["vpp_tp2_pp2x2_sp_4_micro_vs_pp1"]["loss"] <= 1e-5
+    assert results["vpp_tp2_pp2x2_sp_4_micro_vs_pp1"]["weights"] <= 2e-5
 
 
 @pytest.mark.parametrize("setting", ["full_uniform", "full_block", "full_block_1", "selective"])

@@ -392,6 +392,13 @@ def transformer_config(
         raise ValueError(f"recompute granularity {recompute_granularity!r}: use full|selective")
     if sequence_parallel and tensor_parallel_size == 1:
         sequence_parallel = False  # Megatron-LM turns it off too: nothing to split at TP=1
+    # Megatron-LM's default for the interleaved schedule (--overlap-p2p-communication):
+    # separate, overlapped sends and receives instead of one batched call. The batched call
+    # pairs messages wrongly on gloo once sends to the next and the previous stage meet in
+    # one batch (PP=2: the same peer), with more micro-batches than stages.
+    p2p = {}
+    if virtual_pipeline_parallel_size:
+        p2p = dict(overlap_p2p_comm=True, batch_p2p_comm=False)
     fp8 = {}
     if fp8_format is not None:
         if fp8_format not in FP8_FORMATS:
@@ -433,5 +440,6 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
         **recompute,
+        **p2p,
         **fp8,
     )
