@@ -33,3 +33,15 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600)
             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc.stdout
+
+
+def checkpoint_weights(ckpt) -> dict:
+    """Every global tensor of a megatron checkpoint folder (any TP / PP), by its TE name."""
+    from megatron_kaja.checkpoint.convert import open_mcore_checkpoint
+    from megatron_kaja.models.llama.state_dict import GLOBAL_MAPPINGS
+
+    reader = open_mcore_checkpoint(ckpt)
+    out = {m.te: reader.load_global(m) for m in GLOBAL_MAPPINGS}
+    for layer in range(reader.arch.num_layers):
+        out.update({f"{m.te}.{layer}": t for m, t in reader.load_layer(layer).items()})
+    return out

@@ -18,6 +18,8 @@ SCRIPTS = [
 ENTRY_POINTS = {
     "sft": "pretrain_sft.py",
     "grpo": "train_grpo.py",
+    "dpo": "train_dpo.py",
+    "make_preference_data": "tools/make_preference_data.py",
     "generate_sft_data": "tools/generate_sft_data.py",
     "evaluate": "tools/evaluate.py",
     "merge": "tools/merge_models.py",
@@ -55,7 +57,7 @@ def test_recipe_dry_run(recipe, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "result: OK" in out
-    if script in ("pretrain_sft.py", "train_grpo.py"):
+    if script in ("pretrain_sft.py", "train_grpo.py", "train_dpo.py"):
         assert "layout: TP=" in out and "fits in" in out
 
 

@@ -168,6 +168,34 @@ class Run:
         )
 
 
+def data_sampler(run: Run, size: int, global_batch: int | None = None):
+    """The resumable sampler of `size` rows (or pairs) in global batches (default
+    `--global-batch-size`) split over this run's data-parallel ranks."""
+    from megatron_kaja.data import PackedRowSampler
+
+    cfg = run.cfg
+    return PackedRowSampler(
+        size,
+        cfg.micro_batch_size,
+        global_batch or cfg.global_batch_size,
+        run.layout.dp_rank,
+        run.layout.data_parallel_size,
+        seed=cfg.seed,
+    )
+
+
+def validation_sampler(run: Run, size: int, items: str):
+    """(sampler, global batches to evaluate, micro-batches per rank) over `size` held-out
+    `items`: batches of at most `--global-batch-size`, `--eval-iters` of them at most."""
+    cfg = run.cfg
+    unit = cfg.micro_batch_size * run.layout.data_parallel_size
+    batch = min(cfg.global_batch_size, size // unit * unit)
+    if batch == 0:
+        raise ConfigError(f"--valid-data holds {size} {items}, fewer than {unit}")
+    sampler = data_sampler(run, size, batch)
+    return sampler, min(cfg.eval_iters, sampler.global_batches_per_epoch), batch // unit
+
+
 class Trainer:
     """What a trainer contributes to the skeleton. Override what differs."""
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_kaja.data import (
-    PackedRowSampler,
     SFTDataConfig,
     build_sft_dataset,
     collate_packed_rows,
@@ -17,9 +16,16 @@ from megatron_kaja.data import (
 )
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
-from megatron_kaja.parallel.distributed import ParallelLayout
 from megatron_kaja.training.config import ConfigError, SFTConfig
-from megatron_kaja.training.loop import Run, Trainer, device_batch, rank0_first, run_training
+from megatron_kaja.training.loop import (
+    Run,
+    Trainer,
+    data_sampler,
+    device_batch,
+    rank0_first,
+    run_training,
+    validation_sampler,
+)
 from megatron_kaja.training.loop import main as run_main
 from megatron_kaja.training.metrics import (
     Throughput,
@@ -98,30 +104,19 @@ def _micro_batches(dataset, sampler_iter, count: int) -> list[dict]:
     return [collate_packed_rows([dataset[i] for i in next(sampler_iter)]) for _ in range(count)]
 
 
-def evaluate(stack, dataset, layout: ParallelLayout, cfg: SFTConfig, vocab_size: int) -> float:
-    """Token-mean loss over up to `eval_iters` global batches of the validation rows."""
-    unit = cfg.micro_batch_size * layout.data_parallel_size
-    batch = min(cfg.global_batch_size, len(dataset) // unit * unit)
-    if batch == 0:
-        raise ConfigError(f"--valid-data packs into {len(dataset)} rows, fewer than {unit}")
-    sampler = PackedRowSampler(
-        len(dataset),
-        cfg.micro_batch_size,
-        batch,
-        layout.dp_rank,
-        layout.data_parallel_size,
-        cfg.seed,
-    )
-    steps = min(cfg.eval_iters, sampler.global_batches_per_epoch)
-    per_rank = sampler.global_batch_size // (cfg.micro_batch_size * layout.data_parallel_size)
+def evaluate(run: Run, dataset) -> float:
+    """Token-mean loss over up to `--eval-iters` global batches of the validation rows."""
+    sampler, steps, per_rank = validation_sampler(run, len(dataset), "packed rows")
     it = iter(sampler)
     loss_sum = tokens = 0.0
+    stack, cfg = run.stack, run.cfg
     stack.set_train(False)
     with torch.no_grad():
         for _ in range(steps):
             s, n = run_global_batch(
-                stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True, vocab_size
-            )
+                stack, _micro_batches(dataset, it, per_rank), cfg.seq_length, True,
+                run.arch.vocab_size,
+            )  # fmt: skip
             loss_sum, tokens = loss_sum + s, tokens + n
     stack.set_train(True)
     return loss_sum / max(tokens, 1.0)
@@ -155,14 +150,7 @@ class SFTTrainer(Trainer):
                 lambda: build_sft_dataset(_data_config(cfg, cfg.valid_data), run.tokenizer)
             )
         self.dp = run.layout.data_parallel_size
-        self.sampler = PackedRowSampler(
-            len(self.train_set),
-            cfg.micro_batch_size,
-            cfg.global_batch_size,
-            run.layout.dp_rank,
-            self.dp,
-            seed=cfg.seed,
-        )
+        self.sampler = data_sampler(run, len(self.train_set))
         return cfg.train_iters or cfg.train_epochs * self.sampler.global_batches_per_epoch
 
     def start(self, run: Run, resumed: dict | None) -> None:
@@ -225,7 +213,7 @@ class SFTTrainer(Trainer):
                 }
             )
         if self.valid_set is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
-            valid_loss = evaluate(stack, self.valid_set, run.layout, cfg, run.arch.vocab_size)
+            valid_loss = evaluate(run, self.valid_set)
             records.append({"step": step, "valid_loss": valid_loss})
         return records
 

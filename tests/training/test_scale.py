@@ -99,6 +99,16 @@ FLAG_RUNS = {
 }  # fmt: skip
 
 
+DPO_FLAG_RUNS = {
+    "plain": (),
+    "tp2_sp": ("--tensor-model-parallel-size", "2", "--sequence-parallel"),
+    "pp2_vpp_recompute": (
+        "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+        "--recompute-granularity", "full",
+    ),
+}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def flag_runs(tmp_path_factory, tiny_hf_dir):
     from megatron_kaja.checkpoint.convert import hf_to_mcore
@@ -113,7 +123,19 @@ def flag_runs(tmp_path_factory, tiny_hf_dir):
         {"entry": "sft", "argv": _args(setup, tiny_hf_dir, root / name, *flags)}
         for name, flags in FLAG_RUNS.items()
     ]
-    run_torchrun(SFT_WORKER, 2, json.dumps(runs), timeout=1200)
+    # DPO (policy and frozen reference both split as the flags say), in the same launch.
+    from tests.preference.test_train_dpo import TOPICS, _pairs, _write
+    from tests.preference.test_train_dpo import _args as dpo_args
+
+    dpo_root = root / "dpo"  # its pairs and the same converted checkpoint
+    dpo_root.mkdir()
+    (dpo_root / "mc").symlink_to(root / "mc")
+    _write(dpo_root / "train.jsonl", _pairs(TOPICS[:8], 2))
+    runs += [
+        {"entry": "dpo", "argv": dpo_args(dpo_root, tiny_hf_dir, root / f"dpo_{name}", *flags)}
+        for name, flags in DPO_FLAG_RUNS.items()
+    ]
+    run_torchrun(SFT_WORKER, 2, json.dumps(runs), timeout=1800)
     return root
 
 
@@ -130,4 +152,15 @@ def test_scale_flags_train_like_the_plain_run(flag_runs, name):
     assert len(plain) == 8 and plain[-1] < plain[0]
     torch.testing.assert_close(
         torch.tensor(_sft_losses(flag_runs, name)), torch.tensor(plain), rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.parametrize("name", [n for n in DPO_FLAG_RUNS if n != "plain"])
+def test_scale_flags_train_dpo_like_the_plain_run(flag_runs, name):
+    import torch
+
+    plain = _sft_losses(flag_runs, "dpo_plain")
+    assert len(plain) == 4
+    torch.testing.assert_close(
+        torch.tensor(_sft_losses(flag_runs, f"dpo_{name}")), torch.tensor(plain), rtol=1e-5, atol=0
     )

@@ -1,0 +1,1 @@
+"""Preference optimization (DPO / IPO) on megatron-core, and judge-made preference pairs."""
