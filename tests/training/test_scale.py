@@ -5,7 +5,8 @@ equals the run it replaces, in losses and in the updated weights (scale_worker.p
 - overlapped grad reduce + param gather (several buckets) against the same run without;
 - interleaved pipeline, PP=2 x 2 virtual stages, against PP=1;
 - each recompute setting against none;
-- checkpoints saved in one layout resume in another (TP / PP / SP / VPP changed).
+- checkpoints saved in one layout resume in another (TP / PP / SP / VPP changed);
+and the flags end to end through pretrain_sft.py and train_dpo.py (one 2-process launch).
 """
 
 import json
