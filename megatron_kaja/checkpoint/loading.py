@@ -20,19 +20,22 @@ from megatron_kaja.models.llama.state_dict import (
 
 
 def load_torch_dist_weights(model, ckpt_dir: str | Path) -> None:
-    """megatron-core's own resharding load of a torch_dist checkpoint folder into `model`.
+    """megatron-core's own resharding load of a torch_dist checkpoint folder into `model` (a
+    model, or a rank's model chunks: loaded in one call, since a load must read every layer).
 
     Every pickle megatron-core will read from the folder is vetted first (`vet_torch_dist`).
     """
     from megatron.core import dist_checkpointing
 
     vet_torch_dist(ckpt_dir)
-    sharded = model.sharded_state_dict()
+    chunks = model if isinstance(model, list) else [model]
+    sharded = {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
     with safe_globals_context():
         loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
     # A training checkpoint's common state (iteration, optimizer settings, ...) comes back
     # merged in: keep the model's own entries.
-    model.load_state_dict({k: v for k, v in loaded.items() if k in sharded})
+    for name, chunk in zip(sharded, chunks, strict=True):
+        chunk.load_state_dict({k: v for k, v in loaded[name].items() if k in sharded[name]})
 
 
 def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> None:
@@ -41,8 +44,6 @@ def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> 
 
     tp = ps.get_tensor_model_parallel_world_size()
     tp_rank = ps.get_tensor_model_parallel_rank()
-    pp = ps.get_pipeline_model_parallel_world_size()
-    pp_rank = ps.get_pipeline_model_parallel_rank()
     own = model.state_dict()
     state = {}
 
@@ -59,9 +60,10 @@ def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> 
 
     if model.pre_process:
         put(EMBEDDING.name(transformer_impl), EMBEDDING, reader.load_global(EMBEDDING))
-    per_stage = reader.arch.num_layers // pp
-    for local_index in range(per_stage):
-        global_layer = pp_rank * per_stage + local_index
+    # Each layer knows its global number (1-based), whatever the split: even or uneven
+    # pipeline stages, interleaved model chunks.
+    for local_index, layer in enumerate(model.decoder.layers):
+        global_layer = layer.layer_number - 1
         for mapping, tensor in reader.load_layer(global_layer).items():
             put(layer_key(mapping, local_index, transformer_impl), mapping, tensor)
     if model.post_process:
@@ -75,7 +77,8 @@ def load_weights_from_reader(model, reader, transformer_impl: str = "local") -> 
 
 def load_mcore_weights(model, ckpt_dir: str | Path, transformer_impl: str = "local") -> None:
     """Load the weights of a megatron checkpoint (torch_dist or legacy, saved at any TP / PP,
-    by this project or by Megatron-LM; a run folder or one iteration folder) into `model`.
+    by this project or by Megatron-LM; a run folder or one iteration folder) into `model` (a
+    model, or the list of a rank's model chunks under an interleaved pipeline).
 
     Weights only, as Megatron-LM's `--finetune`: optimizer and RNG state are not read.
     torch_dist goes through megatron-core's dist_checkpointing (which reshards); legacy
@@ -83,8 +86,10 @@ def load_mcore_weights(model, ckpt_dir: str | Path, transformer_impl: str = "loc
     checkpoint's: the rows up to the vocabulary size are copied and the padding is re-made
     (zeros), whatever the checkpoint's padding rows hold.
     """
+    chunks = model if isinstance(model, list) else [model]
     reader = open_mcore_checkpoint(Path(ckpt_dir))
-    if reader.location.format == "torch_dist" and reader.padded_vocab == model.vocab_size:
-        load_torch_dist_weights(model, reader.location.dir)
+    if reader.location.format == "torch_dist" and reader.padded_vocab == chunks[0].vocab_size:
+        load_torch_dist_weights(chunks, reader.location.dir)
     else:
-        load_weights_from_reader(model, reader, transformer_impl)
+        for chunk in chunks:
+            load_weights_from_reader(chunk, reader, transformer_impl)

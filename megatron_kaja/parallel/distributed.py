@@ -85,31 +85,47 @@ def initialize_model_parallel(
     pipeline_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    *,
+    virtual_pipeline_parallel_size: int | None = None,
+    context_parallel_size: int = 1,
 ) -> ParallelLayout:
     """Set up torch.distributed, megatron-core's parallel groups and its RNG streams.
 
     On a machine without CUDA the CPU bridge is activated first. Raises ValueError when the
-    world size is not a multiple of TP x PP.
+    world size is not a multiple of TP x PP x CP. `virtual_pipeline_parallel_size` (model
+    chunks per pipeline stage) selects megatron-core's interleaved 1F1B schedule.
     """
     cpu_bridge.activate()
     init_process_group(timeout_minutes)
     from megatron.core import parallel_state, tensor_parallel
 
     world = dist.get_world_size()
-    if world % (tensor_parallel_size * pipeline_parallel_size):
+    if world % (tensor_parallel_size * pipeline_parallel_size * context_parallel_size):
+        cp = f" x context-parallel-size {context_parallel_size}" * (context_parallel_size > 1)
         raise ValueError(
             f"world size {world} is not divisible by tensor-model-parallel-size "
-            f"{tensor_parallel_size} x pipeline-model-parallel-size {pipeline_parallel_size}"
+            f"{tensor_parallel_size} x pipeline-model-parallel-size {pipeline_parallel_size}{cp}"
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_parallel_size,
+            context_parallel_size=context_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_layout()
+
+
+def set_virtual_pipeline_size(size: int | None) -> None:
+    """Model chunks per pipeline stage (None: one, no interleaving), once the architecture
+    is known (after `initialize_model_parallel`, which cannot know the layer count)."""
+    from megatron.core import parallel_state
+
+    parallel_state.set_virtual_pipeline_model_parallel_world_size(size)
+    parallel_state.set_virtual_pipeline_model_parallel_rank(0 if size else None)
 
 
 def current_layout() -> ParallelLayout:

@@ -33,6 +33,7 @@ from megatron_kaja.preference.losses import (
     preference_loss_names,
     reward_stats,
 )
+from megatron_kaja.training.errors import ConfigError
 from megatron_kaja.training.loop import (
     Run,
     Trainer,
@@ -116,6 +117,13 @@ class DPOConfig(RunSettings):
             raise ValueError("--label-smoothing applies to --loss-type sigmoid only")
         return self
 
+    def check_world(self, world_size: int) -> int:
+        """The shared layout rules, and the rows' length against sequence / context
+        parallelism."""
+        dp = super().check_world(world_size)
+        self.check_sequence_length(self.seq_length)
+        return dp
+
 
 def _sum_over(totals: torch.Tensor, *groups) -> torch.Tensor:
     """`totals` summed over the ranks of each group, on the device the collectives use."""
@@ -167,16 +175,18 @@ def _forward_step(attention: AttentionBackend, loss_func, data_iterator, model):
     return output, partial(loss_func, batch, fed)
 
 
-def _schedule(model, micro_batches, attention, seq_length: int, forward_only: bool, loss_func):
-    """megatron-core's forward(/backward) schedule over the micro-batches; the loss function's
-    reduced dicts (on the last pipeline stage, else an empty list)."""
+def _schedule(chunks, micro_batches, attention, seq_length: int, forward_only: bool, loss_func):
+    """megatron-core's forward(/backward) schedule over the micro-batches through a model's
+    chunks (one, or one per virtual stage: each reads every micro-batch); the loss
+    function's reduced dicts (on the last pipeline stage, else an empty list)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     seq, mbs = attention.schedule_shape(seq_length, micro_batches[0]["tokens"].shape[0])
+    iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, attention, loss_func),
-        data_iterator=iter(micro_batches),
-        model=[model],
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=list(chunks),
         num_microbatches=len(micro_batches),
         seq_length=seq,
         micro_batch_size=mbs,
@@ -191,6 +201,15 @@ class DPOTrainer(Trainer):
     settings = DPOConfig
     per_token_loss = True  # "tokens" are pairs here: see the module docstring
     logger = logger
+
+    def check_extras(self, cfg) -> None:
+        if cfg.context_parallel_size > 1:
+            # transformer-engine's ring attention needs each row split over the CP ranks
+            # (2 x CP chunks per sample), which the pair batches are not yet.
+            raise ConfigError(
+                "--context-parallel-size > 1: DPO's pair rows are not split over context-"
+                "parallel ranks yet"
+            )
 
     def prepare(self, run: Run) -> int:
         cfg = run.cfg
@@ -209,7 +228,7 @@ class DPOTrainer(Trainer):
 
     def start(self, run: Run, resumed: dict | None) -> None:
         from megatron_kaja.checkpoint.loading import load_mcore_weights
-        from megatron_kaja.models.llama.model import build_gpt_model
+        from megatron_kaja.models.llama.model import build_model_chunks
 
         cfg = run.cfg
         self.ref_source = cfg.ref_load or run.source.weights
@@ -217,15 +236,19 @@ class DPOTrainer(Trainer):
             self.sampler.load_state_dict(resumed["sampler"])
             saved = resumed["config"]
             self.ref_source = cfg.ref_load or saved.get("ref_load") or saved["load"]
-        # The reference is the policy's own architecture and layer spec, frozen.
-        self.ref_model = build_gpt_model(
+        # The reference is the policy's own architecture, layer spec and pipeline split
+        # (chunks under an interleaved pipeline, uneven stages), frozen.
+        self.ref_chunks = build_model_chunks(
             run.arch,
             transformer_impl=run.stack.transformer_impl,
             bf16=cfg.bf16,
             vocab_size_override=run.padded_vocab,
+            first_stage_layers=cfg.decoder_first_pipeline_num_layers,
+            last_stage_layers=cfg.decoder_last_pipeline_num_layers,
         )
-        load_mcore_weights(self.ref_model, self.ref_source, run.stack.transformer_impl)
-        self.ref_model.requires_grad_(False).eval()
+        load_mcore_weights(self.ref_chunks, self.ref_source, run.stack.transformer_impl)
+        for chunk in self.ref_chunks:
+            chunk.requires_grad_(False).eval()
         self.attention = attention_backend(run.stack.transformer_impl)
         self.sampler_iter = iter(self.sampler)
         self.throughput = Throughput(run.train_iters, run.start)
@@ -257,7 +280,7 @@ class DPOTrainer(Trainer):
         vocab = run.arch.vocab_size
         with torch.no_grad():
             refs = _schedule(
-                self.ref_model, micro_batches, self.attention, cfg.seq_length, True,
+                self.ref_chunks, micro_batches, self.attention, cfg.seq_length, True,
                 partial(_reference_loss_func, vocab),
             )  # fmt: skip
         last_stage = ps.is_pipeline_last_stage()
@@ -271,14 +294,14 @@ class DPOTrainer(Trainer):
             chosen += torch.tensor([mb["loss_mask"][:m].sum().item(), m], dtype=torch.float64)
         chosen = _sum_over(chosen, ps.get_data_parallel_group())
         nll_scale = float(chosen[1] / chosen[0].clamp(min=1.0))
-        model = run.stack.ddp
+        stack = run.stack
         if forward_only:
-            model.eval()
+            stack.set_train(False)
         outputs = _schedule(
-            model, micro_batches, self.attention, cfg.seq_length, forward_only,
+            stack.ddp_chunks, micro_batches, self.attention, cfg.seq_length, forward_only,
             partial(_policy_loss_func, vocab, cfg, nll_scale),
         )  # fmt: skip
-        model.train()
+        stack.set_train(True)
         totals = torch.zeros(len(STATS), dtype=torch.float64)
         if last_stage:
             for out in outputs:
@@ -302,7 +325,7 @@ class DPOTrainer(Trainer):
         if self.valid_set is not None and cfg.eval_interval and iteration == 0:
             records.append({"step": 0, **self.evaluate(run)})  # the reference's own numbers
         lr = stack.optimizer.param_groups[0]["lr"]
-        stack.ddp.zero_grad_buffer()
+        stack.zero_grad_buffers()
         stack.optimizer.zero_grad()
         count = cfg.gradient_accumulation_steps(self.dp)
         record = self.global_batch(
@@ -361,7 +384,7 @@ class DPOTrainer(Trainer):
         )
 
     def close(self) -> None:
-        self.ref_model = None
+        self.ref_chunks = None
 
     def plan(self, cfg: DPOConfig) -> int:
         """`train_dpo.py --dry-run`: the run checked as configured; layout and memory of the
@@ -389,7 +412,7 @@ class DPOTrainer(Trainer):
         report.check_tokenizer(cfg.tokenizer, arch)
         # rows of a micro-batch: each pair's chosen and rejected answer
         layout = replace(
-            plan_layout(cfg, dp, cfg.seq_length, accumulation),
+            plan_layout(cfg, dp, cfg.seq_length, accumulation, arch),
             micro_batch_size=2 * cfg.micro_batch_size,
         )
         estimate = estimate_memory(arch, layout)

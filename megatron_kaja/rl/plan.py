@@ -53,7 +53,7 @@ def plan_grpo(cfg) -> int:
                 spec.rpartition(":")[0],
                 lambda s=spec: len(load_prompts([s], tokenizer)),
             )
-    layout = plan_layout(cfg, dp, seq, accumulation)
+    layout = plan_layout(cfg, dp, seq, accumulation, arch)
     report.add(
         f"rollouts: {cfg.rollout_engine} engine, "
         f"{min(per_rank, cfg.rollout_batch_size or per_rank)} sequences sampled at once"

@@ -17,6 +17,17 @@ from megatron_kaja.training.settings import RunSettings
 
 _D = GRPOConfig  # its class attributes are the algorithm's defaults
 
+# The scale settings GRPO cannot take yet, and why: its rollouts and update run outside
+# megatron-core's schedule (the sampler decodes one token at a time through each stage; the
+# update runs micro-batches of any length and number, each backward on its own).
+GRPO_UNSUPPORTED_SCALE = {
+    "sequence_parallel": "the sampler decodes one token at a time (no sequence to split)",
+    "overlap_grad_reduce": "the update's micro-batches run outside megatron-core's schedule",
+    "num_layers_per_virtual_pipeline_stage": "the sampler passes one stage per rank",
+    "context_parallel_size": "the sampler does not split sequences over ranks",
+    "fp8_format": "the sampler's one-token GEMMs do not meet FP8's shape rules",
+}
+
 
 class GRPORunConfig(RunSettings):
     """Every setting of a `train_grpo.py` run (field names are the flags without dashes)."""
@@ -122,6 +133,10 @@ class GRPORunConfig(RunSettings):
                 float(weight)  # raises a ValueError naming the bad weight
         if any(s.partition(":")[0] == "judge" for s in self.reward) and not self.judge_model:
             raise ValueError("--reward judge needs --judge-model (and --judge-base-url for openai)")
+        for name, why in GRPO_UNSUPPORTED_SCALE.items():
+            if getattr(self, name) != type(self).model_fields[name].default:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag}: not supported by train_grpo.py ({why})")
         self.grpo_config()  # validates the algorithm settings now, naming the field
         return self
 

@@ -210,7 +210,12 @@ class GRPOTrainer(Trainer):
 
             impl = run.stack.transformer_impl  # the policy's layer spec: same kernels on a GPU
             self.ref_model = build_gpt_model(
-                arch, transformer_impl=impl, bf16=cfg.bf16, vocab_size_override=run.padded_vocab
+                arch,
+                transformer_impl=impl,
+                bf16=cfg.bf16,
+                vocab_size_override=run.padded_vocab,
+                first_stage_layers=cfg.decoder_first_pipeline_num_layers,  # the policy's split
+                last_stage_layers=cfg.decoder_last_pipeline_num_layers,
             )
             load_mcore_weights(self.ref_model, ref_source, impl)
             self.ref_model.requires_grad_(False).eval()
@@ -255,6 +260,7 @@ class GRPOTrainer(Trainer):
         cfg, stack = run.cfg, run.stack
         lr = stack.optimizer.param_groups[0]["lr"]
         synced = time.perf_counter()
+        stack.sync_params()  # --overlap-param-gather: the last step left shards to gather
         self.engine.load_weights(stack.model)  # the weights of the last update (or the start)
         synced = time.perf_counter() - synced
         stack.model.train()

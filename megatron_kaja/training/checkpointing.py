@@ -200,11 +200,23 @@ def _rng_object(data=None):
     )
 
 
+def _model_keys(stack) -> list[str]:
+    """Where each model chunk's tensors sit in the state: "model", or "model0", "model1", ...
+    under an interleaved pipeline (Megatron-LM's names). The tensors inside carry global
+    layer numbers, so a checkpoint saved with one chunk layout loads into another."""
+    if len(stack.model_chunks) == 1:
+        return ["model"]
+    return [f"model{i}" for i in range(len(stack.model_chunks))]
+
+
 def _state_template(stack, is_loading: bool, optimizer_sharding: str) -> dict:
-    state = {"model": stack.model.sharded_state_dict()}
+    state = {
+        key: chunk.sharded_state_dict()
+        for key, chunk in zip(_model_keys(stack), stack.model_chunks, strict=True)
+    }
     if stack.optimizer_kind == "adam":  # an 8-bit optimizer saves its own files
         state["optimizer"] = stack.optimizer.sharded_state_dict(
-            state["model"],
+            {key: state[key] for key in _model_keys(stack)},
             is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": optimizer_sharding},
         )
@@ -297,6 +309,7 @@ def _save_checkpoint(
     # The distributed optimizer's state: "dp_reshardable" saves fully in parallel and
     # reshards across DP only; "fully_reshardable" gathers per DP group and loads at any layout.
     sharding = "fully_reshardable" if optimizer_fully_reshardable else "dp_reshardable"
+    stack.sync_params()  # --overlap-param-gather: the step left other ranks' shards stale
     state = _state_template(stack, is_loading=False, optimizer_sharding=sharding)
     state["rng_state"] = _rng_object(_rng_state())
     state.update(
@@ -324,11 +337,11 @@ def _save_checkpoint(
         McoreCheckpointMeta(
             format="torch_dist",
             arch=asdict(arch),
-            padded_vocab_size=stack.model.vocab_size,
+            padded_vocab_size=stack.model_chunks[0].vocab_size,
             tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
             pipeline_parallel_size=ps.get_pipeline_model_parallel_world_size(),
             transformer_impl=stack.transformer_impl,
-            dtype="bfloat16" if stack.model.config.bf16 else "float32",
+            dtype="bfloat16" if stack.model_chunks[0].config.bf16 else "float32",
             iteration=iteration,
         ).save(tmp)
         if final.exists():
@@ -421,19 +434,21 @@ def load_checkpoint(root: Path, stack, run_kind: str | None = None) -> dict:
     common = load_common_state(ckpt)
     check_optimizer_resumable(ckpt, common.get("optimizer_info"), _optimizer_info(stack))
     megatron_optimizer = stack.optimizer_kind == "adam"
+    sharding = common.get("optimizer_sharding", "dp_reshardable")
     if megatron_optimizer:
         _materialize_optimizer_state(stack.optimizer)
     template = _state_template(
         stack,
         is_loading=True,
-        optimizer_sharding=common.get("optimizer_sharding", "dp_reshardable"),
+        optimizer_sharding=sharding,
     )
     same_world = common.get("world_size") == dist.get_world_size()
     if same_world:
         template["rng_state"] = _rng_object()
     with safe_globals_context():
         loaded = dist_checkpointing.load(template, str(ckpt))
-    stack.model.load_state_dict(loaded["model"])
+    for key, chunk in zip(_model_keys(stack), stack.model_chunks, strict=True):
+        chunk.load_state_dict(loaded[key])
     if megatron_optimizer:
         # The fp32 main params come from the checkpoint, not from the loaded weights: no
         # `reload_model_params()` here. megatron-core 0.16.1's optimizers hand out their live

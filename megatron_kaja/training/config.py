@@ -66,6 +66,13 @@ class SFTConfig(RunSettings):
             raise ValueError("--eval-interval needs --valid-data")
         return self
 
+    def check_world(self, world_size: int) -> int:
+        """The shared layout rules, and the packed rows' length against sequence / context
+        parallelism."""
+        dp = super().check_world(world_size)
+        self.check_sequence_length(self.seq_length)
+        return dp
+
 
 def load_config(argv: list[str] | None = None, model: type[BaseModel] | None = None):
     """Parse flags (and the YAML recipe) of `model` (default: SFT's); raise ConfigError."""

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from megatron_kaja.models.llama.config import PRESETS, LlamaArch, check_parallel_layout
 from megatron_kaja.training.errors import ConfigError
-from megatron_kaja.training.memory import MemoryEstimate
+from megatron_kaja.training.memory import GIB, MemoryEstimate
 
 
 class LaunchSettings(BaseModel):
@@ -185,11 +185,45 @@ class DryRunReport:
             raise ConfigError(f"--tokenizer has {size} tokens, the model only {arch.vocab_size}")
         self.add(f"tokenizer: {size} tokens (model vocabulary {arch.vocab_size})")
 
-    def check_layout(self, arch: LlamaArch, tp: int, pp: int) -> None:
+    def check_layout(self, arch: LlamaArch, tp: int, pp: int, settings=None) -> None:
+        """The TP x PP split of `arch`, with the uneven / virtual pipeline of `settings`."""
         try:
-            check_parallel_layout(arch, tp, pp)
+            check_parallel_layout(
+                arch,
+                tp,
+                pp,
+                first_stage_layers=getattr(settings, "decoder_first_pipeline_num_layers", None),
+                last_stage_layers=getattr(settings, "decoder_last_pipeline_num_layers", None),
+                virtual_stages=settings.virtual_pipeline_size(arch) if settings else None,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+    def recommend(self, arch: LlamaArch, layout) -> None:
+        """Add the layout the memory estimator recommends for this world, micro-batch,
+        length and optimizer (`memory.recommend_layout`)."""
+        from dataclasses import asdict
+
+        from megatron_kaja.training.memory import recommend_layout
+
+        kept = ("micro_batch_size", "seq_length", "distributed_optimizer", "optimizer", "bf16")
+        fixed = {k: v for k, v in asdict(layout).items() if k in kept}
+        global_batch = layout.micro_batch_size * layout.num_micro_batches * layout.data_parallel
+        found = recommend_layout(
+            arch,
+            layout.world_size,
+            self.settings.gpu_memory_gb,
+            gpus_per_node=min(8, self.settings.nproc_per_node or 8),
+            global_batch_size=global_batch,
+            flash_attention=layout.flash_attention,
+            fp8=layout.fp8,
+            **fixed,
+        )
+        if found is None:
+            self.add(f"recommended layout: none fits {self.settings.gpu_memory_gb:g} GiB")
+            return
+        best, estimate = found
+        self.add(f"recommended layout: {describe_layout(best)} ({estimate.total / GIB:.1f} GiB)")
 
     def finish(self, estimate: MemoryEstimate) -> int:
         """Print the report; 0 when everything checks out, 1 when it cannot run as planned."""
@@ -215,6 +249,23 @@ def describe_arch(arch: LlamaArch, source: str) -> str:
     )
 
 
+def describe_layout(layout) -> str:
+    """A `TrainingLayout` as the flags that give it."""
+    parts = [f"TP={layout.tensor_parallel}", f"PP={layout.pipeline_parallel}"]
+    if layout.virtual_stages:
+        parts.append(f"x {layout.virtual_stages} virtual stages")
+    parts.append(f"DP={layout.data_parallel}")
+    if layout.sequence_parallel:
+        parts.append("--sequence-parallel")
+    if layout.recompute == "full":
+        parts.append(f"--recompute-granularity full --recompute-method {layout.recompute_method}")
+        if layout.recompute_num_layers:
+            parts.append(f"--recompute-num-layers {layout.recompute_num_layers}")
+    elif layout.recompute == "selective":
+        parts.append("--recompute-granularity selective")
+    return " ".join(parts)
+
+
 def describe_optimizer(cfg) -> str:
     """The optimizer and precision in a dry run's layout line."""
     if cfg.optimizer != "adam":
@@ -233,14 +284,15 @@ def start_plan(cfg, title: str) -> tuple[DryRunReport, LlamaArch, int]:
     arch, source = resolve_architecture(cfg.load, cfg)
     report.add(describe_arch(arch, source))
     world, world_source = world_size_for_plan(cfg)
-    report.check_layout(arch, cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size)
+    report.check_layout(arch, cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg)
     dp = cfg.check_world(world)
     report.add(f"world: {world} processes ({world_source})")
     return report, arch, dp
 
 
-def plan_layout(cfg, data_parallel: int, seq_length: int, num_micro_batches: int):
-    """The memory estimate's view of a run: its split, micro-batches, recompute, optimizer."""
+def plan_layout(cfg, data_parallel: int, seq_length: int, num_micro_batches: int, arch: LlamaArch):
+    """The memory estimate's view of a run: its split, micro-batches, recompute, optimizer
+    and scale settings."""
     from megatron_kaja.training.memory import TrainingLayout
 
     return TrainingLayout(
@@ -251,8 +303,16 @@ def plan_layout(cfg, data_parallel: int, seq_length: int, num_micro_batches: int
         seq_length=seq_length,
         num_micro_batches=num_micro_batches,
         recompute=cfg.recompute_granularity or "none",
+        recompute_method=cfg.recompute_method or "uniform",
+        recompute_num_layers=cfg.recompute_num_layers or None,
+        sequence_parallel=cfg.sequence_parallel and cfg.tensor_model_parallel_size > 1,
+        context_parallel=cfg.context_parallel_size,
+        virtual_stages=cfg.virtual_pipeline_size(arch),
+        first_stage_layers=cfg.decoder_first_pipeline_num_layers,
+        last_stage_layers=cfg.decoder_last_pipeline_num_layers,
         distributed_optimizer=cfg.use_distributed_optimizer,
         optimizer=cfg.optimizer,
         bf16=cfg.bf16,
+        fp8=cfg.fp8_format is not None,
         flash_attention=cfg.transformer_impl != "local",
     )

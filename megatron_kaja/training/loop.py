@@ -32,11 +32,16 @@ from megatron_kaja.checkpoint import CheckpointError
 from megatron_kaja.data.records import DataFormatError
 from megatron_kaja.extras import MissingExtraError, require
 from megatron_kaja.models.llama.config import LlamaArch, training_vocab_size
-from megatron_kaja.parallel.distributed import ParallelLayout, initialize_model_parallel
+from megatron_kaja.parallel.distributed import (
+    ParallelLayout,
+    initialize_model_parallel,
+    set_virtual_pipeline_size,
+)
 from megatron_kaja.training import checkpointing
 from megatron_kaja.training.control import RunControl
 from megatron_kaja.training.errors import ConfigError
 from megatron_kaja.training.metrics import MetricsWriter
+from megatron_kaja.training.scale import check_scale_extras
 from megatron_kaja.training.settings import RunSettings, load_config
 from megatron_kaja.training.setup import TrainingStack, build_training_stack
 
@@ -257,14 +262,20 @@ def run_training(cfg: RunSettings, trainer: Trainer) -> dict:
 
     if cfg.optimizer != "adam":
         require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
+    check_scale_extras(cfg)  # transformer-engine for --fp8-format / context parallelism
     trainer.check_extras(cfg)
     layout = initialize_model_parallel(
-        cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed
+        cfg.tensor_model_parallel_size,
+        cfg.pipeline_model_parallel_size,
+        seed=cfg.seed,
+        context_parallel_size=cfg.context_parallel_size,
     )
     cfg.check_launched_world(layout.world_size)
     cfg.check_world(layout.world_size)
     source = resolve_model_source(cfg, trainer.run_kind)
     cfg.check_preset(source.arch, f"--load {cfg.load}")
+    # Model chunks per pipeline stage follow from the layer count, known only now.
+    set_virtual_pipeline_size(cfg.virtual_pipeline_size(source.arch))
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     if len(tokenizer) > source.arch.vocab_size:
         raise ConfigError(
@@ -291,7 +302,7 @@ def run_training(cfg: RunSettings, trainer: Trainer) -> dict:
         optimizer=cfg.optimizer,
         use_distributed_optimizer=cfg.use_distributed_optimizer,
         train_iters=run.train_iters,
-        recompute_granularity=cfg.recompute_granularity,
+        **cfg.scale_build_settings(),
         transformer_impl=cfg.transformer_impl,
         padded_vocab_size=run.padded_vocab,
         per_token_loss=trainer.per_token_loss,
@@ -309,7 +320,7 @@ def run_training(cfg: RunSettings, trainer: Trainer) -> dict:
     else:
         from megatron_kaja.checkpoint.loading import load_mcore_weights
 
-        load_mcore_weights(run.stack.model, source.weights, run.stack.transformer_impl)
+        load_mcore_weights(run.stack.model_chunks, source.weights, run.stack.transformer_impl)
     trainer.start(run, resumed)
     run_config = trainer.run_config(run)
     checkpointing.remove_stale_temporaries(cfg.save)  # of saves that did not finish

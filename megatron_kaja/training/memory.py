@@ -27,12 +27,27 @@ b sequences of s tokens (h hidden, a heads, g KV groups, d head_dim, f ffn, t = 
           (the fc2 input, 2sbf)
 
 Selective recompute (the paper's Sec. 4.2: megatron recomputes the core attention) drops
-the core-attention terms. Full recompute (uniform, one layer per checkpoint) keeps each
-layer's input (2sbh) plus one layer's whole working set while it is recomputed. With the
-1F1B pipeline schedule stage i holds min(PP - i, micro-batches) micro-batches in flight
-(the paper's Sec. 4.2.3: the first stage holds PP of them). The last stage adds the final
-norm and output-layer inputs (2sbh each) and the fp32 softmax the vocab-parallel cross
-entropy keeps, 4sbV/t.
+the core-attention terms. Full recompute keeps only a checkpointed group's input (2sbh, /t
+with sequence parallelism): `uniform` checkpoints groups of N = `--recompute-num-layers`
+layers (ceil(L/N) inputs per micro-batch, and N layers' whole working set while a group is
+recomputed); `block` checkpoints the first N layers of each model chunk one by one and
+keeps the others' full activations. With the 1F1B pipeline schedule stage i holds
+min(PP - i, micro-batches) micro-batches in flight (the paper's Sec. 4.2.3: the first
+stage holds PP of them); the interleaved schedule (v model chunks of L/(PP v) layers each)
+holds megatron-core's warm-up count, 2(PP - i - 1) + (v - 1) PP, plus one chunk forward,
+i.e. L (1 + (PP - 1)/(PP v)) layers' worth on the first stage (Sec. 4.2.3 again). The
+last stage adds the final norm and output-layer inputs (2sbh each) and the fp32 softmax
+the vocab-parallel cross entropy keeps, 4sbV/t.
+
+Sequence parallelism divides the terms outside the TP regions by t (then every term is
+/t); context parallelism splits the sequence over its ranks, s -> s/cp, and shards the
+distributed optimizer's states over DP x CP (megatron-core's dp-cp group). FP8
+(transformer-engine) keeps the four GEMM inputs (QKV, linear_proj, fc1, fc2) as 1-byte
+copies instead of bf16, and a cached fp8 copy of each weight matrix and its transpose
+(2 B per matrix parameter). Uneven pipeline stages (`--decoder-first/last-pipeline-num-
+layers`) hold their own layer counts. Overlapped gradient reduce / parameter gather and
+the bucket size change no buffer: megatron-core's grad and param buffers are the same,
+only when their collectives run differs.
 
 Not counted: the CUDA context, NCCL buffers, allocator fragmentation and transient
 buffers (`fits` keeps `headroom` of the device for them), and the logits' bf16 copy, which
@@ -44,10 +59,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from megatron_kaja.models.llama.config import LlamaArch, check_parallel_layout, padded_vocab_size
+from megatron_kaja.models.llama.config import (
+    LlamaArch,
+    check_parallel_layout,
+    padded_vocab_size,
+    pipeline_stage_layers,
+)
 
 GIB = 1024**3
 Recompute = Literal["none", "selective", "full"]
+RecomputeMethod = Literal["uniform", "block"]
 
 
 @dataclass(frozen=True)
@@ -61,15 +82,38 @@ class TrainingLayout:
     seq_length: int = 4096
     num_micro_batches: int = 1  # per optimizer step and DP rank (gradient accumulation)
     recompute: Recompute = "none"
+    recompute_method: RecomputeMethod = "uniform"  # full recompute only
+    recompute_num_layers: int | None = None  # uniform: 1; block: every layer of a chunk
     sequence_parallel: bool = False
+    context_parallel: int = 1
+    virtual_stages: int | None = None  # model chunks per pipeline stage (interleaved 1F1B)
+    first_stage_layers: int | None = None  # --decoder-first-pipeline-num-layers
+    last_stage_layers: int | None = None  # --decoder-last-pipeline-num-layers
     distributed_optimizer: bool = False
     optimizer: str = "adam"  # or an 8-bit bitsandbytes AdamW: "adamw_8bit", "paged_adamw_8bit"
     bf16: bool = True
+    fp8: bool = False
     flash_attention: bool = True
 
     @property
     def world_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel * self.data_parallel
+        return (
+            self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+        ) * self.data_parallel
+
+    @property
+    def chunks(self) -> int:
+        return self.virtual_stages or 1
+
+    def stage_layers(self, arch: LlamaArch) -> list[int]:
+        """Decoder layers of each pipeline stage."""
+        return pipeline_stage_layers(
+            arch.num_layers,
+            self.pipeline_parallel,
+            first_stage_layers=self.first_stage_layers,
+            last_stage_layers=self.last_stage_layers,
+            virtual_stages=self.virtual_stages,
+        )
 
 
 @dataclass
@@ -129,7 +173,7 @@ def stage_params(arch: LlamaArch, layout: TrainingLayout, stage: int) -> int:
     """Parameters held by one GPU of pipeline stage `stage` (untied embeddings)."""
     t, p = layout.tensor_parallel, layout.pipeline_parallel
     vocab = padded_vocab_size(arch.vocab_size, t)
-    count = arch.num_layers // p * layer_params(arch, t)
+    count = layout.stage_layers(arch)[stage] * layer_params(arch, t)
     if stage == 0:
         count += vocab * arch.hidden_size // t  # word embeddings
     if stage == p - 1:
@@ -140,36 +184,83 @@ def stage_params(arch: LlamaArch, layout: TrainingLayout, stage: int) -> int:
 def layer_activation_bytes(
     arch: LlamaArch, layout: TrainingLayout, recompute: Recompute | None = None
 ) -> int:
-    """Bytes one decoder layer keeps for backward, for one micro-batch (module docstring)."""
+    """Bytes one decoder layer keeps for backward, for one micro-batch (module docstring).
+
+    With full recompute: the bytes of one checkpointed input (a group's or a layer's)."""
     recompute = layout.recompute if recompute is None else recompute
-    s, b, t = layout.seq_length, layout.micro_batch_size, layout.tensor_parallel
+    s, b, t = (
+        layout.seq_length // layout.context_parallel,
+        layout.micro_batch_size,
+        layout.tensor_parallel,
+    )
     h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
     a, g = arch.num_attention_heads, arch.num_query_groups
-    outside_tp = 8 * s * b * h
+    gemm = 1 if layout.fp8 else 2  # bytes of a kept GEMM input (fp8 copies under TE's FP8)
+    # attention norm input, QKV input (norm output), MLP norm input, fc1 input (norm output)
+    outside_tp = 2 * s * b * h + gemm * s * b * h + 2 * s * b * h + gemm * s * b * h
+    layer_input = 2 * s * b * h
     if layout.sequence_parallel:
         outside_tp //= t
+        layer_input //= t
     if recompute == "full":
-        return outside_tp // 4  # the layer input (the attention norm's input) only
-    inside_tp = 2 * s * b * a * d + 4 * s * b * g * d + 2 * s * b * a * d + 8 * s * b * f
+        return layer_input
+    # Q after RoPE, K and V, linear_proj input, SwiGLU: fc1 out (4sbf), silu(gate), fc2 input
+    inside_tp = 2 * s * b * a * d + 4 * s * b * g * d + gemm * s * b * a * d
+    inside_tp += 4 * s * b * f + 2 * s * b * f + gemm * s * b * f
     if recompute != "selective":
         if layout.flash_attention:
             inside_tp += 4 * s * b * a  # fp32 log-sum-exp per row and head
         else:
-            inside_tp += 2 * a * s * s * b + 4 * s * b * (a - g) * d  # probs, K/V expansion
+            inside_tp += 2 * a * s * layout.seq_length * b  # probs over the whole sequence
+            inside_tp += 4 * s * b * (a - g) * d  # K/V expanded to every head
     return outside_tp + inside_tp // t
 
 
+def chunk_micro_batch_bytes(arch: LlamaArch, layout: TrainingLayout, layers: int) -> int:
+    """Activation bytes one forward of a model chunk of `layers` layers keeps for backward."""
+    whole = layer_activation_bytes(arch, layout, "none")
+    if layout.recompute != "full":
+        return layers * layer_activation_bytes(arch, layout)
+    kept_input = layer_activation_bytes(arch, layout)
+    n = layout.recompute_num_layers
+    if layout.recompute_method == "block":
+        recomputed = layers if n is None else min(n, layers)
+        return recomputed * kept_input + (layers - recomputed) * whole
+    return -(-layers // (n or 1)) * kept_input  # one input per group of n layers
+
+
+def recompute_peak_bytes(arch: LlamaArch, layout: TrainingLayout, layers: int) -> int:
+    """The working set rebuilt at once under full recompute: a uniform group of N layers, or
+    one layer (block)."""
+    if layout.recompute != "full":
+        return 0
+    group = (
+        1 if layout.recompute_method == "block" else min(layout.recompute_num_layers or 1, layers)
+    )
+    return group * layer_activation_bytes(arch, layout, "none")
+
+
+def in_flight_chunk_forwards(layout: TrainingLayout, stage: int) -> int:
+    """Chunk forwards whose activations stage `stage` holds at once (module docstring)."""
+    p, v, m = layout.pipeline_parallel, layout.chunks, layout.num_micro_batches
+    if v == 1:
+        return min(p - stage, m)
+    return min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v)
+
+
 def stage_activation_bytes(arch: LlamaArch, layout: TrainingLayout, stage: int) -> int:
-    """Activation bytes pipeline stage `stage` holds at its peak (1F1B schedule)."""
-    s, b, t = layout.seq_length, layout.micro_batch_size, layout.tensor_parallel
+    """Activation bytes pipeline stage `stage` holds at its peak (1F1B or interleaved)."""
+    s, b, t = (
+        layout.seq_length // layout.context_parallel,
+        layout.micro_batch_size,
+        layout.tensor_parallel,
+    )
     p = layout.pipeline_parallel
-    layers = arch.num_layers // p
-    in_flight = min(p - stage, layout.num_micro_batches)
-    per_micro = layers * layer_activation_bytes(arch, layout)
-    total = in_flight * per_micro
-    if layout.recompute == "full":
-        # One layer is recomputed at a time, with everything it would otherwise have kept.
-        total += layer_activation_bytes(arch, layout, "none")
+    chunk_layers = layout.stage_layers(arch)[stage] // layout.chunks
+    total = in_flight_chunk_forwards(layout, stage) * chunk_micro_batch_bytes(
+        arch, layout, chunk_layers
+    )
+    total += recompute_peak_bytes(arch, layout, chunk_layers)
     if stage == p - 1:
         hidden = 2 * s * b * arch.hidden_size
         if layout.sequence_parallel:
@@ -179,15 +270,27 @@ def stage_activation_bytes(arch: LlamaArch, layout: TrainingLayout, stage: int) 
     return total
 
 
+def fp8_weight_copy_bytes(arch: LlamaArch, layout: TrainingLayout, stage: int) -> int:
+    """transformer-engine's cached fp8 weight and transpose (1 B each per matrix parameter)."""
+    if not layout.fp8:
+        return 0
+    norms = 2 * arch.hidden_size
+    matrices = layer_params(arch, layout.tensor_parallel) - norms
+    return 2 * matrices * layout.stage_layers(arch)[stage]
+
+
 def estimate_stage(arch: LlamaArch, layout: TrainingLayout, stage: int) -> MemoryEstimate:
     params = stage_params(arch, layout, stage)
     weight_bytes = 2 if layout.bf16 else 4
     if layout.optimizer == "adam":
         optimizer = params * (12 if layout.bf16 else 8)  # (fp32 master +) exp_avg, exp_avg_sq
-        if layout.distributed_optimizer:
-            optimizer = -(-optimizer // layout.data_parallel)
+        if layout.distributed_optimizer:  # sharded over the data-parallel x context ranks
+            optimizer = -(-optimizer // (layout.data_parallel * layout.context_parallel))
     else:  # two uint8 moments + their fp32 absmax per block of 256 (+ bf16 gradient copies)
         optimizer = 2 * params + 8 * -(-params // 256) + (2 * params if layout.bf16 else 0)
+    extra = {}
+    if layout.fp8:
+        extra["fp8 weight copies"] = fp8_weight_copy_bytes(arch, layout, stage)
     return MemoryEstimate(
         stage=stage,
         params=params,
@@ -195,12 +298,25 @@ def estimate_stage(arch: LlamaArch, layout: TrainingLayout, stage: int) -> Memor
         gradients=params * 4,
         optimizer=optimizer,
         activations=stage_activation_bytes(arch, layout, stage),
+        extra=extra,
     )
 
 
 def estimate_memory(arch: LlamaArch, layout: TrainingLayout) -> MemoryEstimate:
     """The estimate of the pipeline stage that needs the most memory."""
-    check_parallel_layout(arch, layout.tensor_parallel, layout.pipeline_parallel)
+    check_parallel_layout(
+        arch,
+        layout.tensor_parallel,
+        layout.pipeline_parallel,
+        first_stage_layers=layout.first_stage_layers,
+        last_stage_layers=layout.last_stage_layers,
+        virtual_stages=layout.virtual_stages,
+    )
+    if layout.seq_length % (layout.context_parallel * (2 if layout.context_parallel > 1 else 1)):
+        raise ValueError(
+            f"sequence length {layout.seq_length} is not divisible by 2 x "
+            f"context-parallel-size {layout.context_parallel}"
+        )
     stages = [estimate_stage(arch, layout, i) for i in range(layout.pipeline_parallel)]
     return max(stages, key=lambda e: e.total)
 
@@ -254,3 +370,93 @@ def estimate_grpo_memory(
             // layout.pipeline_parallel
         )
     return estimate
+
+
+# Extra compute of each recompute setting, as a fraction of a step without recompute: a
+# layer's forward is ~1/3 of its forward + backward, so recomputing L' of L layers costs
+# L'/(3L); selective recompute redoes only the core attention (its flash kernel's share is
+# small next to the GEMMs: counted as 1%). The 1F1B pipeline idles (p - 1) / (m v) of a step
+# (m micro-batches, v model chunks; Narayanan et al. 2021, Sec. 2.2).
+def overhead(arch: LlamaArch, layout: TrainingLayout) -> float:
+    """Extra compute time of the layout's recompute and pipeline bubble, as a fraction of a
+    step (see above); tensor-parallel traffic is ranked separately."""
+    bubble = (layout.pipeline_parallel - 1) / (layout.num_micro_batches * layout.chunks)
+    if layout.recompute == "selective":
+        return bubble + 0.01
+    if layout.recompute != "full":
+        return bubble
+    layers = max(layout.stage_layers(arch)) // layout.chunks
+    n = layout.recompute_num_layers
+    recomputed = layers if layout.recompute_method == "uniform" or n is None else min(n, layers)
+    return bubble + recomputed / layers / 3
+
+
+def candidate_layouts(arch: LlamaArch, world_size: int, gpus_per_node: int, **fixed):
+    """Layouts of `world_size` GPUs to compare: TP within a node (a divisor of
+    `gpus_per_node` that splits the heads), PP a divisor of the layers (interleaved with 2 or
+    4 chunks where the micro-batches allow), sequence parallelism on whenever TP > 1, every
+    recompute setting (none, selective, block over 1/4, 1/2, 3/4 of a chunk's layers,
+    full). `fixed` are the TrainingLayout fields the run already has (micro batch, sequence
+    length, optimizer...) and `global_batch_size`, from which the micro-batches per DP rank
+    follow."""
+    fixed = dict(fixed)
+    global_batch = fixed.pop("global_batch_size")
+    micro = fixed.get("micro_batch_size", 1)
+    for tp in (t for t in (1, 2, 4, 8) if t <= gpus_per_node and gpus_per_node % t == 0):
+        for pp in (p for p in range(1, world_size // tp + 1) if world_size % (tp * p) == 0):
+            dp = world_size // (tp * pp)
+            if global_batch % (micro * dp):
+                continue
+            m = global_batch // (micro * dp)
+            try:
+                check_parallel_layout(arch, tp, pp)
+            except ValueError:
+                continue
+            stage = arch.num_layers // pp
+            chunks = [None]
+            if pp > 1 and m >= pp and m % pp == 0:
+                chunks += [v for v in (2, 4) if stage % v == 0]
+            for v in chunks:
+                layers = stage // (v or 1)
+                recomputes = [("none", "uniform", None), ("selective", "uniform", None)]
+                recomputes += [("full", "block", layers * q // 4) for q in (1, 2, 3)]
+                recomputes.append(("full", "uniform", 1))
+                for recompute, method, n in recomputes:
+                    if recompute == "full" and method == "block" and not n:
+                        continue
+                    yield TrainingLayout(
+                        tensor_parallel=tp,
+                        pipeline_parallel=pp,
+                        data_parallel=dp,
+                        num_micro_batches=m,
+                        virtual_stages=v,
+                        sequence_parallel=tp > 1,
+                        recompute=recompute,
+                        recompute_method=method,
+                        recompute_num_layers=n,
+                        **fixed,
+                    )
+
+
+def recommend_layout(
+    arch: LlamaArch,
+    world_size: int,
+    gpu_memory_gb: float,
+    *,
+    gpus_per_node: int = 8,
+    **fixed,
+) -> tuple[TrainingLayout, MemoryEstimate] | None:
+    """The layout this estimator recommends: of those that fit `gpu_memory_gb` (with its
+    headroom), the least extra compute (recompute + pipeline bubble, `overhead`) first,
+    then the smallest TP (tensor-parallel traffic crosses every layer four times), then
+    the fewest pipeline stages. None when nothing fits."""
+    fitting = []
+    for layout in candidate_layouts(arch, world_size, gpus_per_node, **fixed):
+        estimate = estimate_memory(arch, layout)
+        if estimate.fits(gpu_memory_gb):
+            cost = round(overhead(arch, layout), 4)
+            fitting.append(((cost, layout.tensor_parallel, layout.pipeline_parallel), layout))
+    if not fitting:
+        return None
+    layout = min(fitting, key=lambda item: item[0])[1]
+    return layout, estimate_memory(arch, layout)

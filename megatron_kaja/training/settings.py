@@ -22,6 +22,7 @@ from pydantic_core import PydanticUndefined
 from megatron_kaja.models.llama.attention import attention_backend_names
 from megatron_kaja.training.errors import ConfigError
 from megatron_kaja.training.launch import LaunchSettings
+from megatron_kaja.training.scale import ScaleSettings
 
 # `--optimizer`, Megatron-LM's flag: megatron's Adam, or bitsandbytes' 8-bit AdamW
 # (megatron_kaja/training/bnb_optimizer.py).
@@ -89,13 +90,6 @@ class ParallelSettings(BaseModel):
 
     tensor_model_parallel_size: int = Field(default=1, gt=0, description="TP size")
     pipeline_model_parallel_size: int = Field(default=1, gt=0, description="PP size")
-    recompute_activations: bool = Field(
-        default=False, description="selective activation recompute (as --recompute-granularity "
-        "selective)",
-    )  # fmt: skip
-    recompute_granularity: Literal["full", "selective"] | None = Field(
-        default=None, description="activation recompute to save memory"
-    )
 
 
 class CheckpointSettings(BaseModel):
@@ -157,6 +151,7 @@ class RunSettings(
     BatchSettings,
     OptimizerSettings,
     ParallelSettings,
+    ScaleSettings,
     CheckpointSettings,
     LoggingSettings,
     LaunchSettings,
@@ -199,20 +194,20 @@ class RunSettings(
         if self.save_interval is not None and self.save is None:
             raise ValueError("--save-interval needs --save DIR")
         check_optimizer_flags(self)
-        if self.recompute_activations and self.recompute_granularity is None:
-            self.recompute_granularity = "selective"
         if self.metrics_file is None and self.save is not None:
             self.metrics_file = self.save / "metrics.jsonl"
         return self
 
     def check_world(self, world_size: int) -> int:
         """The data-parallel size; raises ConfigError when the layout or batches do not fit."""
-        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        model_parallel = self.model_parallel_size()  # TP x PP x CP
         if world_size % model_parallel:
+            cp = self.context_parallel_size
             raise ConfigError(
                 f"{world_size} processes cannot hold tensor-model-parallel-size "
                 f"{self.tensor_model_parallel_size} x pipeline-model-parallel-size "
                 f"{self.pipeline_model_parallel_size}"
+                + (f" x context-parallel-size {cp}" if cp > 1 else "")
             )
         dp = world_size // model_parallel
         error = batch_division_error(
@@ -220,6 +215,7 @@ class RunSettings(
         )
         if error:
             raise ConfigError(error)
+        self.check_micro_batches(self.gradient_accumulation_steps(dp))
         return dp
 
     def gradient_accumulation_steps(self, data_parallel_size: int) -> int:

@@ -18,7 +18,7 @@ from megatron_kaja.data import (
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
 from megatron_kaja.parallel.distributed import compute_device
-from megatron_kaja.training.config import SFTConfig
+from megatron_kaja.training.config import ConfigError, SFTConfig
 from megatron_kaja.training.loop import (
     Run,
     Trainer,
@@ -79,10 +79,14 @@ def run_global_batch(
     seq_length, micro_batch_size = attention.schedule_shape(
         seq_length, micro_batches[0]["tokens"].shape[0]
     )
+    batches = [device_batch(mb) for mb in micro_batches]
+    # Under an interleaved pipeline every model chunk reads each micro-batch (the first
+    # chunk its tokens, all of them its mask and positions, the last its labels).
+    iterators = [iter(batches) for _ in stack.ddp_chunks]
     outputs = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, vocab_size, attention),
-        data_iterator=iter([device_batch(mb) for mb in micro_batches]),
-        model=[stack.ddp],
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=stack.ddp_chunks,
         num_microbatches=len(micro_batches),
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
@@ -108,7 +112,7 @@ def evaluate(run: Run, dataset) -> float:
     it = iter(sampler)
     loss_sum = tokens = 0.0
     stack, cfg = run.stack, run.cfg
-    stack.ddp.eval()
+    stack.set_train(False)
     with torch.no_grad():
         for _ in range(steps):
             s, n = run_global_batch(
@@ -116,7 +120,7 @@ def evaluate(run: Run, dataset) -> float:
                 run.arch.vocab_size,
             )  # fmt: skip
             loss_sum, tokens = loss_sum + s, tokens + n
-    stack.ddp.train()
+    stack.set_train(True)
     return loss_sum / max(tokens, 1.0)
 
 
@@ -127,6 +131,15 @@ class SFTTrainer(Trainer):
     settings = SFTConfig
     per_token_loss = True
     logger = logger
+
+    def check_extras(self, cfg) -> None:
+        if cfg.context_parallel_size > 1:
+            # transformer-engine's ring attention over packed (THD) rows needs every sample
+            # padded to a multiple of 2 x CP, which the packer does not do yet.
+            raise ConfigError(
+                "--context-parallel-size > 1: SFT's packed rows are not split over context-"
+                "parallel ranks yet (each sample would need padding to 2 x CP tokens)"
+            )
 
     def prepare(self, run: Run) -> int:
         cfg = run.cfg
@@ -169,7 +182,7 @@ class SFTTrainer(Trainer):
     def step(self, run: Run, iteration: int, log: bool) -> list[dict]:
         cfg, stack = run.cfg, run.stack
         lr = stack.optimizer.param_groups[0]["lr"]
-        stack.ddp.zero_grad_buffer()
+        stack.zero_grad_buffers()
         stack.optimizer.zero_grad()
         micro = _micro_batches(
             self.train_set, self.sampler_iter, cfg.gradient_accumulation_steps(self.dp)
@@ -224,7 +237,7 @@ class SFTTrainer(Trainer):
             f"layout: TP={tp} x PP={pp} x DP={dp}; micro-batch {cfg.micro_batch_size} x "
             f"{accumulation} accumulation steps x DP {dp} = global batch "
             f"{cfg.global_batch_size} rows of {cfg.seq_length} tokens; recompute {recompute}; "
-            f"{describe_optimizer(cfg)}"
+            f"{describe_optimizer(cfg)}; scale: {cfg.describe_scale()}"
         )
         data = [s.path for s in parse_weighted_paths(cfg.train_data)]
         if cfg.valid_data:
@@ -242,7 +255,8 @@ class SFTTrainer(Trainer):
                 source.path,
                 lambda s=source: len(load_conversations(s)),
             )
-        layout = plan_layout(cfg, dp, cfg.seq_length, accumulation)
+        layout = plan_layout(cfg, dp, cfg.seq_length, accumulation, arch)
+        report.recommend(arch, layout)
         return report.finish(estimate_memory(arch, layout))
 
 

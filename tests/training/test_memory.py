@@ -11,6 +11,7 @@ from megatron_kaja.training.memory import (
     estimate_memory,
     estimate_stage,
     layer_activation_bytes,
+    layer_params,
     stage_params,
 )
 
@@ -158,3 +159,99 @@ def test_grpo_rollout_engines_hold_different_memory():
 def test_layout_that_cannot_split_is_refused():
     with pytest.raises(ValueError, match="num_hidden_layers 40 is not divisible"):
         estimate_memory(L13B, TrainingLayout(pipeline_parallel=3))
+
+
+# The scale settings: each shrinks (or grows) the activation term exactly as its formula says
+# (module docstring of memory.py; Korthikanti et al. 2022 Sec. 4).
+def _sbh(layout):
+    return layout.seq_length * layout.micro_batch_size * L13B.hidden_size
+
+
+def test_sequence_parallel_divides_the_terms_outside_tensor_parallel():
+    base = TrainingLayout(tensor_parallel=2, micro_batch_size=4)
+    sp = TrainingLayout(tensor_parallel=2, micro_batch_size=4, sequence_parallel=True)
+    outside = 8 * _sbh(base)  # two norm inputs + the QKV and fc1 inputs, 2 B each
+    assert layer_activation_bytes(L13B, base) - layer_activation_bytes(L13B, sp) == outside // 2
+    # Full recompute keeps the layer input only, which sequence parallelism splits too.
+    full, full_sp = (TrainingLayout(tensor_parallel=2, recompute="full", sequence_parallel=x)
+                     for x in (False, True))  # fmt: skip
+    assert layer_activation_bytes(L13B, full) == 2 * layer_activation_bytes(L13B, full_sp)
+
+
+def test_context_parallel_splits_the_sequence_and_shards_optimizer_states():
+    cp = TrainingLayout(seq_length=8192, context_parallel=2, data_parallel=2,
+                        distributed_optimizer=True)  # fmt: skip
+    half = TrainingLayout(seq_length=4096, data_parallel=2, distributed_optimizer=True)
+    assert layer_activation_bytes(L13B, cp) == layer_activation_bytes(L13B, half)
+    assert cp.world_size == 4
+    plain = estimate_stage(L13B, TrainingLayout(), 0).optimizer
+    assert estimate_stage(L13B, cp, 0).optimizer == -(-plain // 4)  # over DP x CP
+    with pytest.raises(ValueError, match="context-parallel-size 2"):
+        estimate_memory(L13B, TrainingLayout(seq_length=4098, context_parallel=2))
+
+
+def test_interleaved_pipeline_first_stage_holds_l_times_one_plus_p_minus_1_over_pv():
+    p, v = 4, 2
+    common = dict(pipeline_parallel=p, num_micro_batches=16)
+    plain = TrainingLayout(**common)
+    interleaved = TrainingLayout(virtual_stages=v, **common)
+    per_layer = layer_activation_bytes(L13B, plain)
+    stage_layers = L13B.num_layers // p
+    # 1F1B: p micro-batches of the stage's L/p layers = L layers' worth.
+    assert estimate_stage(L13B, plain, 0).activations == p * stage_layers * per_layer
+    # Interleaved: L (1 + (p - 1) / (p v)) layers' worth: 40 * (1 + 3/8) = 55.
+    layers = L13B.num_layers * (1 + (p - 1) / (p * v))
+    assert estimate_stage(L13B, interleaved, 0).activations == layers * per_layer
+    # The last stage keeps the output layer's inputs as well; its chunks: (v - 1) p + 1.
+    last = estimate_stage(L13B, interleaved, p - 1).activations
+    assert (
+        last - estimate_stage(L13B, plain, p - 1).activations
+        == (((v - 1) * p + 1) * stage_layers // v - stage_layers) * per_layer
+    )
+    with pytest.raises(ValueError, match="virtual stages"):
+        estimate_memory(L13B, TrainingLayout(pipeline_parallel=4, virtual_stages=3))
+
+
+def test_recompute_methods_keep_what_their_formulas_say():
+    def acts(**kw):
+        return estimate_stage(L13B, TrainingLayout(micro_batch_size=1, **kw), 0).activations
+
+    layer = layer_activation_bytes(L13B, TrainingLayout(micro_batch_size=1))
+    kept_input = 2 * _sbh(TrainingLayout(micro_batch_size=1))
+    softmax = acts() - 40 * layer  # the last stage's output-layer inputs (PP=1)
+    # uniform, groups of N: ceil(40 / N) inputs + N layers rebuilt at once.
+    for n in (1, 3, 8):
+        got = acts(recompute="full", recompute_num_layers=n)
+        assert got - softmax == -(-40 // n) * kept_input + n * layer
+    # block, the first N layers: N inputs + (40 - N) whole layers + one layer rebuilt.
+    for n in (1, 10, 40):
+        got = acts(recompute="full", recompute_method="block", recompute_num_layers=n)
+        assert got - softmax == n * kept_input + (40 - n) * layer + layer
+    # block over every layer is uniform with groups of one.
+    assert acts(recompute="full", recompute_method="block") == acts(recompute="full")
+    # selective drops only the core attention's statistics (flash) from each layer.
+    s, a = 4096, L13B.num_attention_heads
+    assert acts() - acts(recompute="selective") == 40 * 4 * s * a
+
+
+def test_fp8_keeps_one_byte_gemm_inputs_and_weight_copies():
+    bf16 = TrainingLayout(tensor_parallel=2)
+    fp8 = TrainingLayout(tensor_parallel=2, fp8=True)
+    s, h, f = 4096, L13B.hidden_size, L13B.ffn_hidden_size
+    ad = L13B.num_attention_heads * L13B.head_dim
+    saved = 2 * s * h + (s * ad + s * f) // 2  # QKV + fc1 inputs; linear_proj + fc2 inputs / t
+    assert layer_activation_bytes(L13B, bf16) - layer_activation_bytes(L13B, fp8) == saved
+    est = estimate_stage(L13B, fp8, 0)
+    matrices = (layer_params(L13B, 2) - 2 * h) * 40
+    assert est.extra["fp8 weight copies"] == 2 * matrices
+
+
+def test_uneven_pipeline_stages_hold_their_own_layers():
+    layout = TrainingLayout(pipeline_parallel=4, first_stage_layers=7, last_stage_layers=9)
+    per_layer = layer_params(L13B)
+    counts = [7, 12, 12, 9]  # (40 - 7 - 9) / 2 in the middle
+    for stage, count in enumerate(counts):
+        embeddings = stage_params(L13B, layout, stage) - count * per_layer
+        assert embeddings in (0, 99584 * L13B.hidden_size, 99584 * L13B.hidden_size + 5120)
+    with pytest.raises(ValueError, match="cannot share evenly"):
+        estimate_memory(L13B, TrainingLayout(pipeline_parallel=4, first_stage_layers=5))

@@ -29,6 +29,12 @@ class AttentionBackend:
         """The megatron-core `ModuleSpec` of one llm-jp-3 decoder layer."""
         raise NotImplementedError
 
+    def final_norm(self):
+        """The norm after the last decoder layer: our `RMSNorm` (sequence parallel capable)."""
+        from megatron_kaja.models.llama.norm import RMSNorm
+
+        return RMSNorm
+
     def schedule_shape(self, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
         """(sequence length, micro-batch size) of the activations passed between pipeline
         stages for micro-batches of `micro_batch_size` rows of `seq_length` tokens."""
@@ -78,7 +84,10 @@ class LocalAttention(AttentionBackend):
     def layer_spec(self):
         from megatron.core.models.gpt import gpt_layer_specs
 
-        return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        from megatron_kaja.models.llama.norm import with_rmsnorm
+
+        # Our RMSNorm: megatron-core's torch fallback (no apex) refuses sequence parallelism.
+        return with_rmsnorm(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
 
     def forward(self, model, batch: dict):
         from megatron_kaja.data.batch import build_attention_mask
@@ -93,9 +102,10 @@ class SDPAAttentionBackend(AttentionBackend):
     """torch SDPA core attention (`models/llama/sdpa.py`); packed rows through `cu_seqlens`."""
 
     def layer_spec(self):
+        from megatron_kaja.models.llama.norm import with_rmsnorm
         from megatron_kaja.models.llama.sdpa import sdpa_layer_spec
 
-        return sdpa_layer_spec()
+        return with_rmsnorm(sdpa_layer_spec())
 
     def forward(self, model, batch: dict):
         from megatron_kaja.models.llama.sdpa import packed_seq_params
@@ -116,6 +126,11 @@ class TransformerEngineAttention(AttentionBackend):
 
         require("transformer_engine", "the transformer-engine layer spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+    def final_norm(self):
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
 
     def schedule_shape(self, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
         # THD: each micro-batch travels between pipeline stages as one packed sequence.

@@ -189,7 +189,15 @@ def training_vocab_size(arch: LlamaArch, checkpoint_vocab: int | None, tp: int) 
     return padded_vocab_size(arch.vocab_size, tp)
 
 
-def check_parallel_layout(arch: LlamaArch, tensor_parallel_size: int, pipeline_parallel_size: int):
+def check_parallel_layout(
+    arch: LlamaArch,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    *,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    virtual_stages: int | None = None,
+):
     """Raise ValueError, naming the sizes, when `arch` cannot be split this way."""
     if tensor_parallel_size < 1 or pipeline_parallel_size < 1:
         raise ValueError("parallel sizes must be >= 1")
@@ -208,11 +216,109 @@ def check_parallel_layout(arch: LlamaArch, tensor_parallel_size: int, pipeline_p
             f"intermediate_size {arch.ffn_hidden_size} is not divisible by "
             f"tensor-model-parallel-size {tensor_parallel_size}"
         )
-    if arch.num_layers % pipeline_parallel_size:
+    pipeline_stage_layers(
+        arch.num_layers,
+        pipeline_parallel_size,
+        first_stage_layers=first_stage_layers,
+        last_stage_layers=last_stage_layers,
+        virtual_stages=virtual_stages,
+    )
+
+
+def pipeline_stage_layers(
+    num_layers: int,
+    pipeline_parallel_size: int,
+    *,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    virtual_stages: int | None = None,
+) -> list[int]:
+    """Decoder layers of each pipeline stage, as megatron-core splits them
+    (`get_num_layers_to_build`): the first / last stage may be given their own count
+    (Megatron-LM's `--decoder-first/last-pipeline-num-layers`), the other stages share the
+    rest evenly; with `virtual_stages` model chunks per stage each stage's count must divide
+    by it. Raises ValueError naming the flag that does not fit."""
+    p = pipeline_parallel_size
+    uneven = first_stage_layers is not None or last_stage_layers is not None
+    if uneven and p < 2:
         raise ValueError(
-            f"num_hidden_layers {arch.num_layers} is not divisible by "
-            f"pipeline-model-parallel-size {pipeline_parallel_size}"
+            "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size >= 2"
         )
+    counts: list[int | None] = [None] * p
+    rest, middle = num_layers, p
+    for index, (given, flag) in enumerate(
+        ((first_stage_layers, "first"), (last_stage_layers, "last"))
+    ):
+        if given is None:
+            continue
+        if given < 1:
+            raise ValueError(f"--decoder-{flag}-pipeline-num-layers must be >= 1")
+        counts[0 if index == 0 else p - 1] = given
+        rest, middle = rest - given, middle - 1
+    if not uneven and num_layers % p:
+        raise ValueError(
+            f"num_hidden_layers {num_layers} is not divisible by pipeline-model-parallel-size {p}"
+        )
+    if rest < 0 or (middle == 0 and rest != 0) or (middle and rest % middle):
+        raise ValueError(
+            f"num_hidden_layers {num_layers} less --decoder-first/last-pipeline-num-layers "
+            f"leaves {rest}, which the {middle} other pipeline stages cannot share evenly"
+        )
+    counts = [rest // middle if c is None else c for c in counts]
+    if min(counts) < 1:
+        raise ValueError(f"pipeline stages of {counts} layers: every stage needs a layer")
+    if virtual_stages is not None and virtual_stages > 1:
+        if p < 2:
+            raise ValueError(
+                "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2"
+            )
+        bad = [c for c in counts if c % virtual_stages]
+        if bad:
+            raise ValueError(
+                f"pipeline stages of {counts} layers cannot each be cut into {virtual_stages} "
+                "virtual stages (--num-layers-per-virtual-pipeline-stage)"
+            )
+    return counts
+
+
+def virtual_pipeline_size(
+    num_layers: int,
+    pipeline_parallel_size: int,
+    layers_per_virtual_stage: int | None,
+    *,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+) -> int | None:
+    """Model chunks per pipeline stage for Megatron-LM's
+    `--num-layers-per-virtual-pipeline-stage` (None: no interleaving). The count is taken
+    from the stages without a `--decoder-first/last-pipeline-num-layers` of their own."""
+    if layers_per_virtual_stage is None:
+        return None
+    counts = pipeline_stage_layers(
+        num_layers,
+        pipeline_parallel_size,
+        first_stage_layers=first_stage_layers,
+        last_stage_layers=last_stage_layers,
+    )
+    middle = [
+        c
+        for i, c in enumerate(counts)
+        if not (i == 0 and first_stage_layers is not None)
+        and not (i == len(counts) - 1 and last_stage_layers is not None)
+    ]
+    per_stage = middle[0] if middle else counts[0]
+    if layers_per_virtual_stage < 1 or per_stage % layers_per_virtual_stage:
+        raise ValueError(
+            f"--num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} does not "
+            f"divide the {per_stage} layers of a pipeline stage"
+        )
+    chunks = per_stage // layers_per_virtual_stage
+    return chunks if chunks > 1 else None
+
+
+# Megatron-LM's --fp8-format values and the TransformerConfig.fp8 they set.
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
 def transformer_config(
@@ -223,31 +329,83 @@ def transformer_config(
     params_dtype=None,
     bf16: bool = False,
     recompute_granularity: str | None = None,
+    recompute_method: str | None = None,
     recompute_num_layers: int | None = None,
+    sequence_parallel: bool = False,
+    virtual_pipeline_parallel_size: int | None = None,
+    first_stage_layers: int | None = None,
+    last_stage_layers: int | None = None,
+    context_parallel_size: int = 1,
+    fp8_format: str | None = None,
+    fp8_recipe: str | None = None,
     hidden_dropout: float = 0.0,
     attention_dropout: float = 0.0,
     init_method_std: float = 0.02,
 ):
-    """The megatron-core `TransformerConfig` for `arch` under a TP x PP layout."""
+    """The megatron-core `TransformerConfig` for `arch` under a TP x PP (x VPP x CP) layout.
+
+    Recompute follows Megatron-LM's flags: `full` recomputes whole layers, `uniform`ly in
+    groups of `recompute_num_layers` (default 1) or, with `block`, only the first
+    `recompute_num_layers` layers of each stage (default: all of them); `selective`
+    recomputes the core attention only. `fp8_format` / `fp8_recipe` need transformer-engine.
+    """
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    check_parallel_layout(arch, tensor_parallel_size, pipeline_parallel_size)
+    check_parallel_layout(
+        arch,
+        tensor_parallel_size,
+        pipeline_parallel_size,
+        first_stage_layers=first_stage_layers,
+        last_stage_layers=last_stage_layers,
+        virtual_stages=virtual_pipeline_parallel_size,
+    )
     if params_dtype is None:
         params_dtype = torch.bfloat16 if bf16 else torch.float32
     on_gpu = torch.cuda.is_available()
     recompute = {}
     if recompute_granularity == "full":
+        method = recompute_method or "uniform"
+        if method not in ("uniform", "block"):
+            raise ValueError(f"recompute method {method!r}: use uniform|block")
+        if recompute_num_layers is None:
+            stage = max(
+                pipeline_stage_layers(
+                    arch.num_layers,
+                    pipeline_parallel_size,
+                    first_stage_layers=first_stage_layers,
+                    last_stage_layers=last_stage_layers,
+                )
+            )
+            recompute_num_layers = 1 if method == "uniform" else stage
         recompute = dict(
             recompute_granularity="full",
-            recompute_method="uniform",
-            recompute_num_layers=recompute_num_layers or 1,
+            recompute_method=method,
+            recompute_num_layers=recompute_num_layers,
         )
     elif recompute_granularity == "selective":
+        if recompute_method is not None or recompute_num_layers is not None:
+            raise ValueError("--recompute-method / --recompute-num-layers need full recompute")
         recompute = dict(recompute_granularity="selective")
     elif recompute_granularity is not None:
         raise ValueError(f"recompute granularity {recompute_granularity!r}: use full|selective")
+    if sequence_parallel and tensor_parallel_size == 1:
+        sequence_parallel = False  # Megatron-LM turns it off too: nothing to split at TP=1
+    # Megatron-LM's default for the interleaved schedule (--overlap-p2p-communication):
+    # separate, overlapped sends and receives instead of one batched call. The batched call
+    # pairs messages wrongly on gloo once sends to the next and the previous stage meet in
+    # one batch (PP=2: the same peer), with more micro-batches than stages.
+    p2p = {}
+    if virtual_pipeline_parallel_size:
+        p2p = dict(overlap_p2p_comm=True, batch_p2p_comm=False)
+    fp8 = {}
+    if fp8_format is not None:
+        if fp8_format not in FP8_FORMATS:
+            raise ValueError(f"fp8 format {fp8_format!r}: use one of {FP8_FORMATS}")
+        fp8 = dict(fp8=fp8_format, fp8_recipe=fp8_recipe or "delayed")
+    elif fp8_recipe is not None:
+        raise ValueError("--fp8-recipe needs --fp8-format")
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -266,6 +424,11 @@ def transformer_config(
         init_method_std=init_method_std,
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_parallel_size,
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
+        context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel,
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=bf16,
@@ -277,4 +440,6 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,
         **recompute,
+        **p2p,
+        **fp8,
     )

@@ -27,6 +27,23 @@ def layer_spec(transformer_impl: str = "local"):
     return attention_backend(transformer_impl).layer_spec()
 
 
+def block_spec(transformer_impl: str, config, vp_stage: int | None = None):
+    """The decoder block of this rank's pipeline stage (model chunk `vp_stage`): its layers
+    and the final norm. Given a bare layer spec, megatron-core picks the final norm itself
+    (TE's, apex's, or a torch fallback that refuses sequence parallelism), so the block
+    takes it from the attention backend."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    backend = attention_backend(transformer_impl)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[backend.layer_spec()] * count, layer_norm=backend.final_norm()
+    )
+
+
 def build_gpt_model(
     arch: LlamaArch,
     *,
@@ -35,13 +52,16 @@ def build_gpt_model(
     pre_process: bool | None = None,
     post_process: bool | None = None,
     vocab_size_override: int | None = None,
+    vp_stage: int | None = None,
     **config_kwargs,
 ):
     """Build this rank's stage of the model; megatron parallel state must be initialized.
 
-    `config_kwargs` go to `transformer_config` (bf16, recompute, dropout, ...). The TP and
-    PP sizes come from the initialized parallel state. The padded vocabulary is Megatron's
-    rule unless `vocab_size_override` (e.g. a checkpoint's padded size) is given.
+    `config_kwargs` go to `transformer_config` (bf16, recompute, dropout, sequence
+    parallelism, ...). The TP, PP, virtual-pipeline and context-parallel sizes come from the
+    initialized parallel state; `vp_stage` picks the model chunk under interleaving
+    (`build_model_chunks` builds them all). The padded vocabulary is Megatron's rule unless
+    `vocab_size_override` (e.g. a checkpoint's padded size) is given.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -51,15 +71,24 @@ def build_gpt_model(
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     config = transformer_config(
-        arch, tensor_parallel_size=tp, pipeline_parallel_size=pp, **config_kwargs
+        arch,
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        virtual_pipeline_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        context_parallel_size=ps.get_context_parallel_world_size(),
+        **config_kwargs,
     )
+    needs_te = config.fp8 or config.context_parallel_size > 1
+    if needs_te and transformer_impl != "transformer_engine":
+        what = "--fp8-format" if config.fp8 else "--context-parallel-size"
+        raise ValueError(f"{what} needs --transformer-impl transformer_engine")
     if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage()
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
-        post_process = ps.is_pipeline_last_stage()
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(transformer_impl),
+        transformer_layer_spec=block_spec(transformer_impl, config, vp_stage),
         vocab_size=vocab_size_override
         or padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
@@ -69,6 +98,7 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=int(arch.rope_theta),
+        vp_stage=vp_stage,
     )
     _norms_in_params_dtype(model, config.params_dtype)
     # With CPU initialization (the CPU machine's default) the weights are made on the host.
@@ -95,3 +125,15 @@ def _norms_in_params_dtype(model, params_dtype) -> None:
     for module in model.modules():
         if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
             module.to(params_dtype)
+
+
+def build_model_chunks(arch: LlamaArch, **kwargs) -> list:
+    """This rank's model chunks: one `GPTModel` stage, or with an interleaved pipeline
+    (a virtual pipeline size in the parallel state) one per virtual stage, in the order
+    megatron-core's interleaved schedule expects (chunk i holds virtual stage i)."""
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        return [build_gpt_model(arch, **kwargs)]
+    return [build_gpt_model(arch, vp_stage=stage, **kwargs) for stage in range(vpp)]
