@@ -128,9 +128,10 @@ def plot_comparison(table: dict, path: Path) -> None:
         ax.set_ylim(0, top)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(loc="upper left", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncols=len(models), bbox_to_anchor=(0.5, 0.94))
     fig.suptitle("evaluation of the four models (error bars: 95% bootstrap interval)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
