@@ -56,6 +56,7 @@ KNOWN_HARMLESS_WARNINGS = (
     (r"When using async grad allreduce it is recommended to set the environment", UserWarning),
     (r"`load_state_dict` is deprecated and will be removed", FutureWarning),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),
     (r"The following imports from `dynamic_context\.py` will be removed", DeprecationWarning),
     (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning),
 )

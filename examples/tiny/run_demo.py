@@ -188,7 +188,11 @@ def main() -> int:
     base, tok_dir = models / "base_hf", models / "tokenizer"
 
     demo.stage(1, "models", "a tiny llm-jp-3-shaped tokenizer and instruct model")
+    from transformers.utils import logging as hf_logging
+
     from megatron_kaja.tiny import TinyLlamaShape, build_tiny_hf_model, build_tiny_tokenizer
+
+    hf_logging.disable_progress_bar()  # the demo prints its own progress
 
     tokenizer = build_tiny_tokenizer(tok_dir, vocab_size=1000, extra_text=demo_tasks.corpus_text())
     shape = TinyLlamaShape(num_key_value_heads=2, vocab_size=len(tokenizer) + 9)
