@@ -30,7 +30,7 @@ def require(module: str, feature: str | None = None) -> ModuleType:
         extra, default_feature = OPTIONAL_MODULES.get(module.split(".")[0], (None, module))
         what = feature or default_feature
         if extra is None:
-            how = "NVIDIA apex is built from source on GPU machines; see the README"
+            how = "NVIDIA apex is built from source on GPU machines; see docs/cluster.md"
         else:
             how = f"install it with `pip install 'megatron-kaja[{extra}]'`"
         raise MissingExtraError(

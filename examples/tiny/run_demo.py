@@ -205,27 +205,27 @@ def main() -> int:
     train_cases = demo_tasks.judge_cases(tokenizer, seed=0)
     held_out = demo_tasks.judge_cases(tokenizer, seed=1, held_out=True)
     teacher_rows = demo_tasks.teacher_rows()
-    helper_data = data / "teacher_judge_sft.jsonl"
+    tj_data = data / "teacher_judge_sft.jsonl"
     # The teacher rows are few; repeat them so that both jobs are learned in one run.
-    demo_tasks.write_jsonl(helper_data, teacher_rows * 4 + demo_tasks.judge_rows(train_cases))
+    demo_tasks.write_jsonl(tj_data, teacher_rows * 4 + demo_tasks.judge_rows(train_cases))
     print(f"  {len(teacher_rows)} teacher rows (x4), {len(train_cases)} judge rows "
-          f"({helper_data.relative_to(out)})")  # fmt: skip
+          f"({tj_data.relative_to(out)})")  # fmt: skip
     mc_base = models / "base_mcore"
     demo.tool("convert_base", "tools/convert_checkpoint.py", "hf-to-mcore", "--hf-dir", str(base),
               "--out", str(mc_base), "--target-tensor-parallel-size", "2")  # fmt: skip
-    helper_run = runs / "teacher_judge"
+    tj_run = runs / "teacher_judge"
     demo.torchrun(
         "teacher_judge_sft", "pretrain_sft.py", 2,
-        "--load", str(mc_base), "--tokenizer", str(tok_dir), "--train-data", str(helper_data),
+        "--load", str(mc_base), "--tokenizer", str(tok_dir), "--train-data", str(tj_data),
         "--seq-length", "256", "--micro-batch-size", "8", "--global-batch-size", "16",
         "--train-iters", str(steps["judge"]), "--lr", "3e-3", "--min-lr", "3e-4",
         "--lr-warmup-iters", "10", "--tensor-model-parallel-size", "2",
-        "--save", str(helper_run), "--data-cache-dir", str(out / "cache"),
-        progress=(helper_run / "metrics.jsonl", steps["judge"], "loss"),
+        "--save", str(tj_run), "--data-cache-dir", str(out / "cache"),
+        progress=(tj_run / "metrics.jsonl", steps["judge"], "loss"),
     )  # fmt: skip
     judge_hf = models / "teacher_judge_hf"
     demo.tool("convert_teacher_judge", "tools/convert_checkpoint.py", "mcore-to-hf",
-              "--mcore-dir", str(latest_weights(helper_run)), "--out", str(judge_hf),
+              "--mcore-dir", str(latest_weights(tj_run)), "--out", str(judge_hf),
               "--hf-template", str(base))  # fmt: skip
     agreement = judge_agreement(judge_hf, held_out)
     agreed = sum(r["agrees"] for r in agreement)
