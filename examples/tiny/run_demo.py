@@ -236,6 +236,10 @@ def main() -> int:
     print(f"  judge: {JUDGE_WHAT}")
     print(f"  judge vs the rubric on {len(agreement)} held-out answers (questions it never saw): "
           f"{agreed} of {len(agreement)} within 0.5 of the rubric's score")  # fmt: skip
+    by_rubric: dict[str, list[bool]] = {}
+    for row in agreement:
+        by_rubric.setdefault(row["rubric"], []).append(row["agrees"])
+    print("    " + ", ".join(f"{name} {sum(v)}/{len(v)}" for name, v in by_rubric.items()))
 
     demo.stage(3, "synthetic data", "the seed's Q:/A: prompts, the tiny teacher (hf backend)")
     synth = data / "synthetic.jsonl"
