@@ -182,8 +182,9 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     demo = Demo(out, args.fast, stages=9)
-    # A short SFT leaves GRPO room to improve; the judge needs the most steps of all.
-    steps = {"judge": 150, "sft": 15, "grpo": 10} if args.fast else {
+    # A short SFT leaves GRPO room to improve; the judge needs its steps even in --fast (with
+    # fewer its scores hardly tell the answer forms apart and GRPO's reward stays flat).
+    steps = {"judge": 250, "sft": 15, "grpo": 10} if args.fast else {
         "judge": 250, "sft": 20, "grpo": 20}  # fmt: skip
     models, runs, data = out / "models", out / "runs", out / "data"
     base, tok_dir = models / "base_hf", models / "tokenizer"
