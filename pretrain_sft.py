@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 pretrain_sft.py --load MC --tokenizer HF --train-data sft.jsonl \\
         --tensor-model-parallel-size 2 --seq-length 4096 --save runs/sft
 
-Flags are Megatron-LM's names (`python pretrain_sft.py --help`); see README "SFT training".
+Flags are Megatron-LM's names (`python pretrain_sft.py --help`); see docs/sft.md.
 """
 
 import sys

@@ -32,7 +32,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # GPU-only packages: imported lazily; a clear error names this extra when missing.
-    # NVIDIA apex is built from source on clusters (see README); the PyPI "apex" is unrelated.
+    # NVIDIA apex is built from source (docs/cluster.md); the PyPI "apex" is unrelated.
     "gpu": [
         "transformer-engine[pytorch]",
         "vllm",

@@ -6,7 +6,7 @@
         --reward judge --judge-backend openai --judge-base-url http://judge:8000/v1 \\
         --judge-model Llama-3-ELYZA-JP-8B-AWQ --save runs/grpo
 
-Flags: `python train_grpo.py --help`; see README "GRPO".
+Flags: `python train_grpo.py --help`; see docs/grpo.md.
 """
 
 import sys

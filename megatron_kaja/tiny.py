@@ -97,10 +97,12 @@ TINY_SHAPES = {
 }
 
 
-def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 500):
+def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 500, extra_text: str = ""):
     """Train a unigram tokenizer with llm-jp's special tokens and save it as an HF tokenizer.
 
-    Returns the loaded `PreTrainedTokenizerFast`. Deterministic for a given `vocab_size`.
+    `extra_text` is learned from as well (the demo adds its prompts and rubrics, so that a
+    judge prompt is a few hundred tokens rather than one token per character).
+    Returns the loaded `PreTrainedTokenizerFast`. Deterministic for given arguments.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import UnigramTrainer
@@ -120,6 +122,8 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 500):
     # Train on multi-line chunks so that the template's newlines become pieces, not <unk>.
     lines = _CORPUS.splitlines()
     chunks = ["\n\n".join(lines[i : i + 3]) + "\n" for i in range(len(lines))]
+    extra = [line for line in extra_text.splitlines() if line.strip()]
+    chunks += ["\n".join(extra[i : i + 3]) + "\n" for i in range(len(extra))]
     tok.train_from_iterator(chunks * 4, trainer=trainer)
     for i, name in enumerate(LLMJP_SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:

@@ -12,7 +12,15 @@ os.environ.setdefault("MEGATRON_KAJA_STRICT_DEVICES", "1")
 import pytest
 import torch
 
+from megatron_kaja.extras import KNOWN_HARMLESS_WARNINGS
 from megatron_kaja.tiny import build_tiny_hf_model, build_tiny_tokenizer
+
+
+def pytest_configure(config):
+    # The same third-party warnings the package filters at import (pytest restores the
+    # filters after collection, so they must be pytest's own as well).
+    for message, category in KNOWN_HARMLESS_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -36,3 +36,26 @@ def test_is_available_without_site_imports():
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False"]
+
+
+def test_megatron_core_import_warnings_are_silenced_and_named_once():
+    """Importing megatron-core through megatron_kaja prints none of its known-harmless
+    warnings (apex / transformer-engine absent, deprecations), and the trainers' one log line
+    names the absent packages instead."""
+    code = (
+        "import logging, sys; logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+        "import megatron_kaja\n"
+        "import megatron.core.optimizer, megatron.core.models.gpt.gpt_layer_specs\n"
+        "from megatron_kaja.extras import log_absent_packages\n"
+        "log_absent_packages(); log_absent_packages()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr, proc.stderr
+    absent = [m for m in ("apex", "transformer_engine") if not is_available(m)]
+    notes = [line for line in proc.stderr.splitlines() if "optional packages absent" in line]
+    assert len(notes) == (1 if absent else 0), proc.stderr
+    for module in absent:
+        assert module in notes[0]

@@ -46,6 +46,9 @@ def compare_case(case: dict, num_tokens: int = 24) -> dict | None:
     layout = current_layout()
     if logits is None or layout.tp_rank != 0 or layout.dp_rank != 0:
         return None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one result line per case, not a loading bar
     reference = AutoModelForCausalLM.from_pretrained(case["hf"], dtype=torch.float32)
     expected = reference(tokens).logits
     return {

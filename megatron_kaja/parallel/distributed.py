@@ -9,6 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_kaja.extras import log_absent_packages
 from megatron_kaja.parallel import cpu_bridge
 
 
@@ -96,6 +97,7 @@ def initialize_model_parallel(
     chunks per pipeline stage) selects megatron-core's interleaved 1F1B schedule.
     """
     cpu_bridge.activate()
+    log_absent_packages()
     init_process_group(timeout_minutes)
     from megatron.core import parallel_state, tensor_parallel
 
