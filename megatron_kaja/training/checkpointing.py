@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_kaja.checkpoint.convert import McoreCheckpointMeta
+from megatron_kaja.checkpoint.megatron_args import megatron_lm_args, megatron_lm_common_state
 from megatron_kaja.checkpoint.safe_load import (
     load_common_state,
     safe_globals_context,
@@ -49,7 +50,6 @@ from megatron_kaja.training.bnb_optimizer import BNB_OPTIMIZERS
 from megatron_kaja.training.errors import ConfigError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 1
 logger = logging.getLogger("megatron_kaja.train")
 
 
@@ -312,9 +312,23 @@ def _save_checkpoint(
     stack.sync_params()  # --overlap-param-gather: the step left other ranks' shards stale
     state = _state_template(stack, is_loading=False, optimizer_sharding=sharding)
     state["rng_state"] = _rng_object(_rng_state())
+    model = stack.model_chunks[0]
+    # Megatron-LM's own entries, so that its `--load` (with `--finetune`, or
+    # `--use-checkpoint-args`) reads a training run folder as it reads its own.
+    args = megatron_lm_args(
+        arch,
+        tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        padded_vocab=model.vocab_size,
+        dtype=torch.bfloat16 if model.config.bf16 else torch.float32,
+        ckpt_format="torch_dist",
+        transformer_impl=stack.transformer_impl,
+        iteration=iteration,
+        seq_length=config.get("seq_length"),
+    )
+    state.update(megatron_lm_common_state(args, iteration))
     state.update(
         iteration=iteration,
-        checkpoint_version=CHECKPOINT_VERSION,
         world_size=dist.get_world_size(),
         optimizer_sharding=sharding,
         run_kind=run_kind,

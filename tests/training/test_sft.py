@@ -209,6 +209,28 @@ def bf16_runs(sft_setup, tiny_hf_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_training_checkpoints_carry_the_args_megatron_lm_reads(bf16_runs, tiny_hf_dir):
+    """A run folder is a Megatron-LM checkpoint too: megatron-core's own common-state loader
+    reads the `args` Megatron-LM's --load / --use-checkpoint-args need, at the run's layout,
+    and Megatron-LM's checkpoint version (3.0: no QKV reordering on its load)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_kaja.checkpoint.megatron_args import MEGATRON_LM_ARGS_READ
+    from megatron_kaja.models.llama.config import LlamaArch
+
+    arch = LlamaArch.from_hf_config(tiny_hf_dir)
+    run = bf16_runs / "dopt"
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == str(BF16_STEPS)
+    common = dist_checkpointing.load_common_state_dict(str(run / f"iter_{BF16_STEPS:07d}"))
+    assert common["checkpoint_version"] == 3.0 and common["iteration"] == BF16_STEPS
+    args = common["args"]
+    assert not [name for name in MEGATRON_LM_ARGS_READ if not hasattr(args, name)]
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 1)
+    assert args.bf16 and args.ckpt_format == "torch_dist" and args.iteration == BF16_STEPS
+    assert args.num_layers == arch.num_layers and args.layernorm_epsilon == arch.norm_epsilon
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("uninterrupted", "prefix"),
     [
