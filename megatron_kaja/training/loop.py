@@ -398,7 +398,8 @@ def _leave_together(code: int) -> None:
 
 def main(trainer: Trainer, argv: list[str] | None = None) -> int:
     """The entry point of a trainer's script: 0 when done, 1 when a dry run finds the plan
-    cannot run, 2 for a bad setting or input (one line from rank 0, no traceback)."""
+    cannot run or a checkpoint save fails (one line naming the cause and the checkpoint still
+    intact), 2 for a bad setting or input (one line from rank 0, no traceback)."""
     from megatron_kaja.parallel.distributed import destroy_model_parallel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -413,6 +414,11 @@ def main(trainer: Trainer, argv: list[str] | None = None) -> int:
             trainer.logger.error("%s", exc)
         _leave_together(2)
         return 2
+    except checkpointing.CheckpointSaveError as exc:  # names the cause and what is intact
+        if is_reporting_rank():
+            trainer.logger.error("%s", exc)
+        _leave_together(1)
+        return 1
     finally:
         if dist.is_initialized():
             destroy_model_parallel()

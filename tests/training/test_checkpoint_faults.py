@@ -48,3 +48,22 @@ def test_disk_full_names_the_path_keeps_the_previous_and_is_cleaned(
         "iter_0000002",
         "latest_checkpointed_iteration.txt",
     ]
+
+
+def test_a_failed_save_ends_the_run_with_exit_1_and_its_message(monkeypatch, caplog):
+    """The trainers' entry point turns a failed save into one line and exit code 1 (not a
+    traceback on every rank)."""
+    from types import SimpleNamespace
+
+    from megatron_kaja.training import loop
+    from megatron_kaja.training.sft import SFTTrainer
+
+    message = "saving iteration 4 to run/.iter_0000004.tmp failed: no space left on device"
+
+    def fail(cfg, trainer):
+        raise checkpointing.CheckpointSaveError(message)
+
+    monkeypatch.setattr(loop, "load_config", lambda argv, settings: SimpleNamespace(dry_run=False))
+    monkeypatch.setattr(loop, "run_training", fail)
+    assert loop.main(SFTTrainer(), []) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [message]
