@@ -74,6 +74,7 @@ def test_spec_is_the_local_spec_with_sdpa_core_attention():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_kaja.models.llama.model import layer_spec
+    from megatron_kaja.models.llama.norm import RMSNorm, with_rmsnorm
     from megatron_kaja.models.llama.sdpa import SDPAttention
 
     local, sdpa = layer_spec("local"), layer_spec("sdpa")
@@ -86,8 +87,11 @@ def test_spec_is_the_local_spec_with_sdpa_core_attention():
     assert dataclasses.replace(sdpa.submodules, self_attention=None) == dataclasses.replace(
         local.submodules, self_attention=None
     )
-    # megatron-core's own spec is left as it was
-    assert local == get_gpt_layer_local_spec(normalization="RMSNorm")
+    # megatron-core's local spec with our sequence-parallel-capable RMSNorm; its own spec is
+    # left as it was
+    megatron_local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    assert local == with_rmsnorm(megatron_local)
+    assert megatron_local.submodules.input_layernorm is not RMSNorm
 
 
 @pytest.mark.parametrize(
