@@ -137,6 +137,16 @@ def collate_pairs(dataset: PreferenceDataset, indices: list[int]) -> dict[str, t
     return collate_packed_rows([c for c, _ in pairs] + [r for _, r in pairs])
 
 
+def count_pairs(source: DataSource) -> int:
+    """Read and validate a pair file as a run does, without tokenizing (`--dry-run`): the
+    number of pairs, or the run's own file:line error."""
+    count = 0
+    for location, record in read_records(source):
+        normalize_pair(record, location)
+        count += 1
+    return count
+
+
 def build_preference_dataset(
     sources: list[DataSource],
     tokenizer,

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from megatron_kaja.data import parse_weighted_paths
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
-from megatron_kaja.preference.data import build_preference_dataset, collate_pairs
+from megatron_kaja.preference.data import build_preference_dataset, collate_pairs, count_pairs
 from megatron_kaja.preference.losses import (
     AnswerLogps,
     preference_loss,
@@ -410,6 +410,11 @@ class DPOTrainer(Trainer):
             + [("--chat-template", cfg.chat_template)]
         )
         report.check_tokenizer(cfg.tokenizer, arch)
+        report.add("data:")
+        for source in parse_weighted_paths(cfg.train_data + (cfg.valid_data or [])):
+            report.check_data(
+                "--train-data/--valid-data", source.path, lambda s=source: count_pairs(s)
+            )
         # rows of a micro-batch: each pair's chosen and rejected answer
         layout = replace(
             plan_layout(cfg, dp, cfg.seq_length, accumulation, arch),

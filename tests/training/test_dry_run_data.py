@@ -4,6 +4,7 @@ the run would stop on fails the dry run with the same file:line message."""
 import json
 
 from megatron_kaja.checkpoint.convert import hf_to_mcore
+from megatron_kaja.preference.trainer import main as dpo_main
 from megatron_kaja.rl.trainer import main as grpo_main
 from megatron_kaja.training.sft import main as sft_main
 from tests.helpers import REPO
@@ -36,6 +37,15 @@ def test_trainers_dry_run_fails_on_a_malformed_record(tmp_path, tiny_hf_dir, cap
     _jsonl(prompts, good)
     assert grpo_main([*grpo, "--prompts", f"{prompts}:safety"]) == 0
     assert f"{prompts}: 1 records, all valid" in capsys.readouterr().out
+
+    pair = {"prompt": "日本の首都は?", "chosen": "東京です。", "rejected": "知りません。"}
+    pairs = _jsonl(tmp_path / "pairs.jsonl", json.dumps(pair), json.dumps({"prompt": "p"}))
+    caplog.clear()
+    assert dpo_main([*argv, "--train-data", str(pairs), "--global-batch-size", "4"]) == 2
+    assert f"{pairs}:2" in caplog.text and "chosen" in caplog.text
+    _jsonl(pairs, json.dumps(pair))
+    assert dpo_main([*argv, "--train-data", str(pairs), "--global-batch-size", "4"]) == 0
+    assert f"{pairs}: 1 records, all valid" in capsys.readouterr().out
 
 
 def test_tools_dry_run_fails_on_a_malformed_record(tmp_path, capsys):
