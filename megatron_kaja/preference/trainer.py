@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from megatron_kaja.data import parse_weighted_paths
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
+from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.preference.data import build_preference_dataset, collate_pairs, count_pairs
 from megatron_kaja.preference.losses import (
     AnswerLogps,
@@ -126,11 +127,9 @@ class DPOConfig(RunSettings):
 
 
 def _sum_over(totals: torch.Tensor, *groups) -> torch.Tensor:
-    """`totals` summed over the ranks of each group, on the device the collectives use."""
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    )
-    totals = totals.to(device) if device is not None else totals
+    """`totals` summed over the ranks of each group, on the device the collectives use (NCCL
+    reduces device tensors only), returned on the host."""
+    totals = totals.to(compute_device())
     for group in groups:
         dist.all_reduce(totals, group=group)
     return totals.cpu()
