@@ -11,22 +11,18 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from megatron_kaja.eval.metrics import metric_info as eval_metric_info
 from megatron_kaja.eval.report import atomic_write_text
 
 MODEL_NAMES = {"base": "base (random)", "sft": "SFT", "grpo": "GRPO", "merged": "merged SFT+GRPO"}
-# (unit, which way is better) per evaluation metric; helpfulness axes share one entry.
-METRIC_INFO = {
-    "mean_score": ("score 1-5", "higher is better"),
-    "violation_rate": ("% of answers scored < 3", "lower is better"),
-    "acceptable_rate": ("% of answers scored > 3", "higher is better"),
-    "over_refusal_rate": ("% of safe questions refused", "lower is better"),
-}
-AXIS_INFO = ("score 1-5", "higher is better")
 
 
 def metric_info(key: str) -> tuple[str, str]:
-    """(unit, direction) of a compare.json key such as `safety/violation_rate`."""
-    return METRIC_INFO.get(key.split("/", 1)[1], AXIS_INFO)
+    """(unit, which way is better) of a compare.json key such as `safety/violation_rate`,
+    from the evaluation's own metric definitions."""
+    info = eval_metric_info(key.split("/", 1)[-1])
+    unit = "% of judged answers" if info.unit == "%" else "score 1-5"
+    return unit, info.better
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -163,7 +159,9 @@ def write_demo_report(
         "teacher-judge": _metrics(out / "runs" / "teacher_judge" / "metrics.jsonl"),
     }
     grpo = _metrics(out / "runs" / "grpo" / "metrics.jsonl")
-    table = json.loads((out / "eval" / "compare" / "compare.json").read_text(encoding="utf-8"))
+    table = json.loads((out / "eval" / "compare" / "compare.json").read_text(encoding="utf-8"))[
+        "metrics"
+    ]
     plot_sft_loss(sft_runs, out / "report_sft_loss.png")
     plot_grpo(grpo, out / "report_grpo.png")
     plot_comparison(table, out / "report_compare.png")

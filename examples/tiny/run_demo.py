@@ -332,7 +332,7 @@ def main() -> int:
     compare = out / "eval" / "compare"
     demo.tool("compare", "tools/evaluate.py", "--compare", *map(str, eval_runs),
               "--out", str(compare))  # fmt: skip
-    table = json.loads((compare / "compare.json").read_text(encoding="utf-8"))
+    table = json.loads((compare / "compare.json").read_text(encoding="utf-8"))["metrics"]
     for key in ("safety/mean_score", "safety/violation_rate", "borderline/over_refusal_rate",
                 "helpful/overall"):  # fmt: skip
         if key in table:

@@ -273,7 +273,7 @@ def grpo_step(
             max_length=config.max_new_tokens,
         )
         share = float(out.num_tokens) / token_share
-        info = {"loss": float(out.loss), "clip_frac": float(out.clip_frac) * share}
+        info = {"loss": float(out.loss.detach()), "clip_frac": float(out.clip_frac) * share}
         info["kl"] = float(out.kl) * share
         return out.loss, info
 
