@@ -50,7 +50,7 @@ def test_demo_shows_each_stage_working(tmp_path):
     }
     assert len({tuple(p) for p in predictions.values()}) == 4, predictions
     compare = json.loads((out / "eval" / "compare" / "compare.json").read_text())
-    assert set(compare["safety/mean_score"]) == {"base", "sft", "grpo", "merged"}
+    assert set(compare["metrics"]["safety/mean_score"]) == {"base", "sft", "grpo", "merged"}
 
     # The layout users' scripts rely on, and the report beside it.
     for run in ("sft", "grpo"):
