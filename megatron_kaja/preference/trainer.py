@@ -46,7 +46,7 @@ from megatron_kaja.training.loop import (
 )
 from megatron_kaja.training.loop import main as run_main
 from megatron_kaja.training.metrics import Throughput
-from megatron_kaja.training.settings import RunSettings
+from megatron_kaja.training.settings import RowSettings
 
 logger = logging.getLogger("megatron_kaja.dpo")
 
@@ -64,7 +64,7 @@ STATS = (
 )
 
 
-class DPOConfig(RunSettings):
+class DPOConfig(RowSettings):
     """Every setting of a `train_dpo.py` run (field names are the flags without dashes)."""
 
     SECTION: ClassVar[str] = "DPO: data and loss"
@@ -117,13 +117,6 @@ class DPOConfig(RunSettings):
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("--label-smoothing applies to --loss-type sigmoid only")
         return self
-
-    def check_world(self, world_size: int) -> int:
-        """The shared layout rules, and the rows' length against sequence / context
-        parallelism."""
-        dp = super().check_world(world_size)
-        self.check_sequence_length(self.seq_length)
-        return dp
 
 
 def _sum_over(totals: torch.Tensor, *groups) -> torch.Tensor:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from megatron_kaja.training.errors import ConfigError
 from megatron_kaja.training.settings import (
     OptimizerName,
-    RunSettings,
+    RowSettings,
     build_parser,
     check_optimizer_flags,
 )
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class SFTConfig(RunSettings):
+class SFTConfig(RowSettings):
     """Every setting of a `pretrain_sft.py` run (field names are the flags without dashes)."""
 
     SECTION: ClassVar[str] = "SFT data"
@@ -65,13 +65,6 @@ class SFTConfig(RunSettings):
         if self.eval_interval is not None and not self.valid_data:
             raise ValueError("--eval-interval needs --valid-data")
         return self
-
-    def check_world(self, world_size: int) -> int:
-        """The shared layout rules, and the packed rows' length against sequence / context
-        parallelism."""
-        dp = super().check_world(world_size)
-        self.check_sequence_length(self.seq_length)
-        return dp
 
 
 def load_config(argv: list[str] | None = None, model: type[BaseModel] | None = None):

@@ -222,6 +222,18 @@ class RunSettings(
         return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
 
 
+class RowSettings(RunSettings):
+    """The settings of a trainer whose batches are rows of `--seq-length` tokens (SFT, DPO):
+    the subclass declares `seq_length`; the world check adds its length rule."""
+
+    def check_world(self, world_size: int) -> int:
+        """The shared layout rules, and the rows' length against sequence / context
+        parallelism."""
+        dp = super().check_world(world_size)
+        self.check_sequence_length(self.seq_length)
+        return dp
+
+
 def check_optimizer_flags(cfg) -> None:
     """The `--optimizer` rules (raises ValueError).
 
