@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import GOOD_ANSWER, is_question_step, write_jsonl
+from conftest import GOOD_ANSWER, is_question_step, seed_of, write_jsonl
 
 from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply
 
@@ -27,14 +27,15 @@ def run_cli(tmp_path, server, *extra, seeds=SEEDS) -> int:
 
 def test_malformed_replies_are_retried_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr("megatron_kaja.inference.openai_backend.random.uniform", lambda a, b: 0)
-    calls = {"question": 0}
+    failed_once: set[str] = set()
 
     def teacher(body):
         if is_question_step(body):
-            calls["question"] += 1
-            if calls["question"] <= 2:  # each sample's first question attempt: not a completion
+            seed = seed_of(body)
+            if seed not in failed_once:  # each sample's first question attempt: not a completion
+                failed_once.add(seed)
                 return ScriptedReply(raw_body='{"choices": []}')
-            return ScriptedReply(text=f"Q: 隣の家の玄関の鍵を開ける方法その{calls['question']}は？")
+            return ScriptedReply(text=f"Q: 隣の家の玄関の鍵を開ける方法その{SEEDS.index(seed)}は？")
         return ScriptedReply(text=GOOD_ANSWER)
 
     with ScriptedOpenAIServer(responder=teacher, model="teacher") as server:
