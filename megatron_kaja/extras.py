@@ -47,8 +47,12 @@ def is_available(module: str) -> bool:
 # checkpoint load although the run is correct: the absence of apex / transformer-engine
 # (torch norms and optimizers are used instead; `absent_packages_note` says so once),
 # megatron-core's own deprecated default (cuda_graph_scope "full") and import shim, a
-# CUDA-only tuning hint, and deprecations inside megatron-core's torch_dist loader and
-# torch's own jit. (message regex, category); tests/conftest.py gives pytest the same list.
+# CUDA-only tuning hint, deprecations inside megatron-core's torch_dist loader, its
+# TransformerLayer (it never passes a dense MLP's ffn_hidden_size, then reads the config's) and
+# its parallel linears (a layer built before the process group keeps the default TP group),
+# torch's own jit, and torch's distributed checkpoint announcing the single-process save/load
+# the converter asks for with `no_dist=True`. (message regex, category); tests/conftest.py
+# gives pytest the same list.
 KNOWN_HARMLESS_WARNINGS = (
     (r"Transformer Engine and Apex are not installed", UserWarning),
     (r"Apex is not installed\. Falling back to Torch Norm", UserWarning),
@@ -59,6 +63,10 @@ KNOWN_HARMLESS_WARNINGS = (
     (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),
     (r"The following imports from `dynamic_context\.py` will be removed", DeprecationWarning),
     (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning),
+    (r"The 'megatron\.core\.transformer\.custom_layers\.transformer_engine'", DeprecationWarning),
+    (r"MLP requires ffn_hidden_size, but it was not provided", DeprecationWarning),
+    (r"Warning. tp_group is None, using default tp group", DeprecationWarning),
+    (r"torch\.distributed is disabled, unavailable or uninitialized, assuming", UserWarning),
 )
 
 

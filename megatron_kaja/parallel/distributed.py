@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -127,7 +128,13 @@ def set_virtual_pipeline_size(size: int | None) -> None:
     from megatron.core import parallel_state
 
     parallel_state.set_virtual_pipeline_model_parallel_world_size(size)
-    parallel_state.set_virtual_pipeline_model_parallel_rank(0 if size else None)
+    rank = 0 if size else None
+    if parallel_state.get_virtual_pipeline_model_parallel_rank() != rank:
+        # megatron-core deprecates this global in favour of passing `vp_stage`, which every
+        # call of ours does; its interleaved schedule still starts from the global's value.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "set_virtual_pipeline_model_parallel_rank")
+            parallel_state.set_virtual_pipeline_model_parallel_rank(rank)
 
 
 def current_layout() -> ParallelLayout:
