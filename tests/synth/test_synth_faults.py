@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import GOOD_ANSWER, is_question_step, seed_of, write_jsonl
+from teacher_fakes import GOOD_ANSWER, is_question_step, seed_of, write_jsonl
 
 from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply
 

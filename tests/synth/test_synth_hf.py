@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import write_jsonl
+from teacher_fakes import write_jsonl
 
 from megatron_kaja.synth import SeedFile, SynthConfig, run_synthesis
 

@@ -7,7 +7,7 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import GOOD_ANSWER, ScriptedTeacher, write_jsonl
+from teacher_fakes import GOOD_ANSWER, ScriptedTeacher, write_jsonl
 
 from megatron_kaja.data import DataSource, load_conversations
 from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import GOOD_ANSWER, write_jsonl
+from teacher_fakes import GOOD_ANSWER, write_jsonl
 
 from megatron_kaja.inference.testing import ScriptedOpenAIServer, ScriptedReply
 
