@@ -79,6 +79,7 @@ def runs(dpo_setup, tiny_hf_dir, tmp_path_factory):
         a("ipo", "--loss-type", "ipo", "--train-iters", "2"),
         a("unpacked", *EPS, "--save", str(out / "unpacked")),
         a("packed", "--packing", *EPS, "--save", str(out / "packed")),
+        a("sdpa_packed", "--packing", *EPS, "--transformer-impl", "sdpa"),
     ]  # fmt: skip
     run_torchrun(WORKER, 1, json.dumps([{"entry": "dpo", "argv": r} for r in single]))
     dopt = ("--use-distributed-optimizer",)
@@ -123,7 +124,7 @@ PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["packed", "dp2_packed", "pp2_packed"])
+@pytest.mark.parametrize("name", ["packed", "sdpa_packed", "dp2_packed", "pp2_packed"])
 def test_packed_pairs_equal_one_answer_per_row(runs, name):
     """--packing puts several answers in a row (each its own attention segment, log-probs
     summed per answer): the loss, every metric and the updated weights are those of one
@@ -142,8 +143,8 @@ def test_packed_pairs_equal_one_answer_per_row(runs, name):
             rtol=1e-6, atol=1e-6, msg=key,
         )  # fmt: skip
     assert [m["rewards/accuracies"] for m in packed] == [m["rewards/accuracies"] for m in reference]
-    if name == "pp2_packed":
-        return  # saves nothing: its metrics cover the pipeline path
+    if name in ("sdpa_packed", "pp2_packed"):
+        return  # save nothing: their metrics cover the SDPA and pipeline paths
     a = checkpoint_weights(runs / "unpacked" / f"iter_{STEPS:07d}")
     b = checkpoint_weights(runs / name / f"iter_{STEPS:07d}")
     assert a.keys() == b.keys()
