@@ -7,9 +7,15 @@ turns). A pair becomes two conversations, prompt + chosen and prompt + rejected,
 the same `ChatRenderer` as SFT data: the loss mask covers the answer's tokens and the EOS that
 closes it, never the prompt (nor earlier assistant turns inside the prompt).
 
-Each answer is one row of `--seq-length` tokens, padded (the padding its own attention
-segment), so a pair is never split and nothing attends across answers: a micro-batch of m
-pairs is 2m rows, the m chosen answers then the m rejected ones.
+A micro-batch of m pairs holds 2m answer sequences, numbered chosen answers 0..m-1 then
+rejected answers m..2m-1. An answer of n tokens fills n - 1 row positions (inputs
+`tokens[:-1]`, labels `tokens[1:]`, as SFT rows), its own attention segment with positions
+restarting at 0; `sequence_ids` names the answer of each position (-1: padding), so that
+log-probs are summed per answer whatever the layout. Unpacked, each answer has a row of
+`--seq-length` positions to itself (2m rows); packed (`--packing`), the 2m answers are placed
+best-fit decreasing into as few rows as hold them (`data/packing.py`). Attention never
+crosses a segment, so an answer's log-probs do not depend on its neighbours: both layouts
+give the same numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 
 from megatron_kaja.data.chat import ChatRenderer, build_loss_mask, load_chat_template
 from megatron_kaja.data.mixing import mix_samples
+from megatron_kaja.data.packing import pack_sequences
 from megatron_kaja.data.readers import read_records
 from megatron_kaja.data.records import DataFormatError, Message
 from megatron_kaja.data.sources import DataSource
@@ -96,10 +103,10 @@ class PreferenceStats:
 
 
 class PreferenceDataset:
-    """Tokenized pairs; `pair_rows(i)` gives the chosen and the rejected row of pair i."""
+    """Tokenized pairs: `answers[i]` = (chosen ids, chosen mask, rejected ids, rejected mask)."""
 
     def __init__(self, answers: list[tuple], seq_length: int, pad_id: int, stats):
-        self.answers = answers  # (chosen ids, chosen mask, rejected ids, rejected mask)
+        self.answers = answers
         self.seq_length = seq_length
         self.pad_id = pad_id
         self.stats = stats
@@ -107,34 +114,64 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self.answers)
 
-    def row(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-        """One answer as a padded row: labels are the next tokens, the loss mask marks the
-        positions whose next token is an answer token; the padding is a segment of its own."""
-        s, n = self.seq_length, len(ids)
-        tokens = np.full(s + 1, self.pad_id, dtype=np.int64)
-        tokens[:n] = ids
-        learn = np.zeros(s + 1, dtype=np.float32)
-        learn[:n] = mask
-        boundaries = [0, n - 1] + ([s] if n - 1 < s else [])
-        return {
-            "tokens": tokens[:s],
-            "labels": tokens[1:],
-            "loss_mask": learn[1:],
-            "position_ids": np.arange(s, dtype=np.int64),
-            "cu_seqlens": np.asarray(boundaries, dtype=np.int64),
+    def row(self, sequences: list[tuple[int, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """One row holding `sequences` ((answer number, ids, mask) each, in order) then
+        padding: labels are the next tokens, the loss mask marks the positions whose next
+        token is an answer token; each answer and the trailing padding are segments."""
+        s = self.seq_length
+        row = {
+            "tokens": np.full(s, self.pad_id, dtype=np.int64),
+            "labels": np.full(s, self.pad_id, dtype=np.int64),
+            "loss_mask": np.zeros(s, dtype=np.float32),
+            "position_ids": np.zeros(s, dtype=np.int64),
+            "sequence_ids": np.full(s, -1, dtype=np.int64),
         }
+        boundaries, at = [0], 0
+        for number, ids, mask in sequences:
+            n = len(ids) - 1
+            row["tokens"][at : at + n] = ids[:-1]
+            row["labels"][at : at + n] = ids[1:]
+            row["loss_mask"][at : at + n] = mask[1:]
+            row["position_ids"][at : at + n] = np.arange(n)
+            row["sequence_ids"][at : at + n] = number
+            at += n
+            boundaries.append(at)
+        if at < s:
+            row["position_ids"][at:] = np.arange(s - at)
+            boundaries.append(s)
+        row["cu_seqlens"] = np.asarray(boundaries, dtype=np.int64)
+        return row
 
-    def pair_rows(self, index: int) -> tuple[dict, dict]:
-        chosen_ids, chosen_mask, rejected_ids, rejected_mask = self.answers[index]
-        return self.row(chosen_ids, chosen_mask), self.row(rejected_ids, rejected_mask)
+    def pair_rows(self, indices: list[int], packing: bool) -> list[dict[str, np.ndarray]]:
+        """The rows of a micro-batch of pairs `indices`: one per answer (chosen answers,
+        then rejected ones), or, with `packing`, the answers packed best-fit decreasing."""
+        chosen = [(self.answers[i][0], self.answers[i][1]) for i in indices]
+        rejected = [(self.answers[i][2], self.answers[i][3]) for i in indices]
+        sequences = [(k, ids, mask) for k, (ids, mask) in enumerate(chosen + rejected)]
+        if not packing:
+            return [self.row([sequence]) for sequence in sequences]
+        plan = pack_sequences(
+            np.asarray([len(ids) - 1 for _, ids, _ in sequences]), self.seq_length
+        )
+        return [
+            self.row([sequences[k] for k in plan.row_samples(r).tolist()])
+            for r in range(plan.num_rows)
+        ]
+
+    def padding_row(self) -> dict[str, np.ndarray]:
+        """A row of padding only (no answer): evens out micro-batches' row counts."""
+        return self.row([])
 
 
-def collate_pairs(dataset: PreferenceDataset, indices: list[int]) -> dict[str, torch.Tensor]:
-    """A micro-batch of pairs: the chosen rows, then the rejected rows (as packed rows)."""
+def collate_pairs(rows: list[dict[str, np.ndarray]], pairs: int) -> dict[str, torch.Tensor]:
+    """A micro-batch of `pairs` pairs from its rows: the packed-row tensors, `sequence_ids`
+    (int64 [b, s]) and the pair count."""
     from megatron_kaja.data.batch import collate_packed_rows
 
-    pairs = [dataset.pair_rows(i) for i in indices]
-    return collate_packed_rows([c for c, _ in pairs] + [r for _, r in pairs])
+    batch = collate_packed_rows(rows)
+    batch["sequence_ids"] = torch.from_numpy(np.stack([row["sequence_ids"] for row in rows]))
+    batch["pairs"] = pairs
+    return batch
 
 
 def count_pairs(source: DataSource) -> int:

@@ -9,6 +9,10 @@ mode does the averaging: each micro-batch returns its pairs' summed loss and its
 and megatron divides the summed gradients by the pairs of the whole global batch (over
 micro-batches and data-parallel ranks); the NLL term is scaled by P / T (T: chosen tokens of
 the global batch), so the result does not depend on the DP x accumulation split.
+
+Log-probs are summed per answer through the batch's `sequence_ids` (`preference/data.py`),
+so a row may hold one answer or, with `--packing`, several: the micro-batch still holds
+`--micro-batch-size` pairs, and a global batch `--global-batch-size` pairs.
 """
 
 from __future__ import annotations
@@ -109,6 +113,12 @@ class DPOConfig(RowSettings):
     sft_loss_weight: float = Field(
         default=0.0, ge=0, description="weight of the chosen answers' token-mean NLL"
     )
+    packing: bool = Field(
+        default=False,
+        description="pack the answers of a micro-batch's pairs into as few rows of "
+        "--seq-length as hold them (each answer its own attention segment; the same "
+        "numbers as one answer per row)",
+    )
 
     @model_validator(mode="after")
     def _dpo_consistent(self) -> DPOConfig:
@@ -116,6 +126,10 @@ class DPOConfig(RowSettings):
             raise ValueError("--eval-interval needs --valid-data")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ValueError("--label-smoothing applies to --loss-type sigmoid only")
+        if self.packing and self.fp8_format is not None:
+            # FP8 scales come from each tensor's amax over the whole micro-batch, padding
+            # included: packing changes them, and with them every answer's numbers.
+            raise ValueError("--packing is not exact with --fp8-format (scales span rows)")
         return self
 
 
@@ -128,16 +142,27 @@ def _sum_over(totals: torch.Tensor, *groups) -> torch.Tensor:
     return totals.cpu()
 
 
+def per_answer_sums(values: torch.Tensor, sequence_ids: torch.Tensor, answers: int):
+    """`values` ([b, s]) summed per answer ([answers]; positions of answer -1 are padding).
+
+    A masked sum rather than `index_add`: CUDA's `index_add` adds in a random order
+    (atomics), which would break bitwise-equal resumes on a GPU."""
+    numbers = torch.arange(answers, device=values.device)
+    own = sequence_ids.reshape(1, -1) == numbers[:, None]
+    return torch.where(own, values.reshape(1, -1), 0.0).sum(dim=1)
+
+
 def _answer_logps(batch: dict, fed: dict, vocab_size: int, output_tensor: torch.Tensor):
-    """Per-row summed log-probs of the answer tokens, the per-token NLL and the masks."""
+    """Per-answer summed log-probs and token counts of the answer tokens (chosen answers,
+    then rejected ones)."""
     b, s = batch["tokens"].shape
     nll = token_losses(output_tensor, fed["labels"], vocab_size).view(b, s)
-    mask = batch["loss_mask"]
-    return -(nll * mask).sum(dim=1), nll, mask
+    mask, ids, answers = batch["loss_mask"], batch["sequence_ids"], 2 * batch["pairs"]
+    return per_answer_sums(-nll * mask, ids, answers), per_answer_sums(mask, ids, answers)
 
 
 def _reference_loss_func(vocab_size: int, batch: dict, fed: dict, output_tensor: torch.Tensor):
-    logps, _, _ = _answer_logps(batch, fed, vocab_size, output_tensor)
+    logps, _ = _answer_logps(batch, fed, vocab_size, output_tensor)
     one = torch.ones((), dtype=torch.int, device=output_tensor.device)
     return output_tensor.sum() * 0.0, one, {"logps": logps.detach()}
 
@@ -146,13 +171,12 @@ def _policy_loss_func(
     vocab_size: int, cfg: DPOConfig, nll_scale: float, batch: dict, fed: dict, output_tensor
 ):
     """Pairs' summed loss and their count (megatron divides by the global batch's pairs)."""
-    logps, nll, mask = _answer_logps(batch, fed, vocab_size, output_tensor)
-    m = logps.shape[0] // 2
+    logps, tokens = _answer_logps(batch, fed, vocab_size, output_tensor)
+    m = batch["pairs"]
     ref = batch["ref_logps"]
-    tokens = mask.sum(dim=1)
     pairs = AnswerLogps(logps[:m], logps[m:], ref[:m], ref[m:], tokens[:m], tokens[m:])
     loss = preference_loss(cfg.loss_type)(pairs, cfg.beta, cfg.label_smoothing).sum()
-    chosen_nll = (nll[:m] * mask[:m]).sum()
+    chosen_nll = -logps[:m].sum()
     if cfg.sft_loss_weight:
         loss = loss + cfg.sft_loss_weight * nll_scale * chosen_nll
     stats = reward_stats(pairs, cfg.beta)
@@ -257,7 +281,8 @@ class DPOTrainer(Trainer):
             f"data: {stats.num_pairs} pairs ({stats.dropped_overlong} longer than "
             f"--seq-length {cfg.seq_length} dropped); {run.train_iters} iterations, "
             f"{cfg.gradient_accumulation_steps(self.dp)} micro-batches of "
-            f"{cfg.micro_batch_size} pairs per DP rank per step, DP={self.dp} "
+            f"{cfg.micro_batch_size} pairs per DP rank per step"
+            f"{' (answers packed into rows)' if cfg.packing else ''}, DP={self.dp} "
             f"TP={cfg.tensor_model_parallel_size} PP={cfg.pipeline_model_parallel_size}; "
             f"{cfg.loss_type} loss, beta {cfg.beta}, reference {self.ref_source}"
         )
@@ -279,13 +304,17 @@ class DPOTrainer(Trainer):
         if last_stage:  # only the last stage computes log-probs, and needs them
             for mb, ref in zip(micro_batches, refs, strict=True):
                 mb["ref_logps"] = ref["logps"]
-        # The NLL term's normalizer: the chosen-answer tokens of the whole global batch.
-        chosen = torch.zeros(2, dtype=torch.float64)
+        # The NLL term's normalizer: the chosen-answer tokens of the whole global batch (and
+        # its pairs and rows, for the record).
+        counts = torch.zeros(3, dtype=torch.float64)
         for mb in micro_batches:
-            m = mb["tokens"].shape[0] // 2
-            chosen += torch.tensor([mb["loss_mask"][:m].sum().item(), m], dtype=torch.float64)
-        chosen = _sum_over(chosen, ps.get_data_parallel_group())
-        nll_scale = float(chosen[1] / chosen[0].clamp(min=1.0))
+            ids = mb["sequence_ids"]
+            chosen = (mb["loss_mask"] * ((ids >= 0) & (ids < mb["pairs"]))).sum().item()
+            counts += torch.tensor(
+                [chosen, mb["pairs"], mb["tokens"].shape[0]], dtype=torch.float64
+            )
+        counts = _sum_over(counts, ps.get_data_parallel_group())
+        nll_scale = float(counts[1] / counts[0].clamp(min=1.0))
         stack = run.stack
         if forward_only:
             stack.set_train(False)
@@ -305,11 +334,22 @@ class DPOTrainer(Trainer):
         sums = dict(zip(STATS, totals.tolist(), strict=True))
         pairs = max(sums.pop("pairs"), 1.0)
         record = {k: v / pairs for k, v in sums.items() if k != "sft_nll"}
-        record["sft_nll"] = sums["sft_nll"] / max(float(chosen[0]), 1.0)
+        record["sft_nll"] = sums["sft_nll"] / max(float(counts[0]), 1.0)
+        record["rows"] = int(counts[2])
         return record
 
-    def _micro_batches(self, dataset, sampler_iter, count: int) -> list[dict]:
-        return [collate_pairs(dataset, next(sampler_iter)) for _ in range(count)]
+    def _micro_batches(self, run: Run, dataset, sampler_iter, count: int) -> list[dict]:
+        """`count` micro-batches of `--micro-batch-size` pairs each (their rows packed with
+        `--packing`)."""
+        cfg = run.cfg
+        pairs = [next(sampler_iter) for _ in range(count)]
+        rows = [dataset.pair_rows(indices, cfg.packing) for indices in pairs]
+        if cfg.packing and cfg.pipeline_model_parallel_size > 1:
+            # Pipeline stages exchange activations of one shape per step: packed
+            # micro-batches are evened out to the most rows with rows of padding.
+            most = max(len(r) for r in rows)
+            rows = [r + [dataset.padding_row()] * (most - len(r)) for r in rows]
+        return [collate_pairs(r, len(p)) for r, p in zip(rows, pairs, strict=True)]
 
     def step(self, run: Run, iteration: int, log: bool) -> list[dict]:
         cfg, stack = run.cfg, run.stack
@@ -321,18 +361,20 @@ class DPOTrainer(Trainer):
         stack.optimizer.zero_grad()
         count = cfg.gradient_accumulation_steps(self.dp)
         record = self.global_batch(
-            run, self._micro_batches(self.train_set, self.sampler_iter, count), False
+            run, self._micro_batches(run, self.train_set, self.sampler_iter, count), False
         )
+        rows = record.pop("rows")
         success, grad_norm, _ = stack.optimizer.step()
         stack.scheduler.step(increment=1)
         step = iteration + 1
         if log:
-            speed = self.throughput.report(step, 2 * cfg.global_batch_size * cfg.seq_length)
+            speed = self.throughput.report(step, rows * cfg.seq_length)
             records.append(
                 {
                     "step": step,
                     "train_iters": run.train_iters,
                     **record,
+                    "rows": rows,
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "skipped": not success,
@@ -351,7 +393,7 @@ class DPOTrainer(Trainer):
         with torch.no_grad():
             for _ in range(steps):
                 record = self.global_batch(
-                    run, self._micro_batches(self.valid_set, it, per_rank), True
+                    run, self._micro_batches(run, self.valid_set, it, per_rank), True
                 )
                 for key, value in record.items():
                     totals[key] = totals.get(key, 0.0) + value / steps
@@ -389,7 +431,8 @@ class DPOTrainer(Trainer):
         report.add(
             f"layout: TP={cfg.tensor_model_parallel_size} x PP="
             f"{cfg.pipeline_model_parallel_size} x DP={dp}; micro-batch {cfg.micro_batch_size} "
-            f"pairs (= {2 * cfg.micro_batch_size} rows of {cfg.seq_length} tokens) x "
+            f"pairs (= {'at most ' if cfg.packing else ''}{2 * cfg.micro_batch_size} rows "
+            f"of {cfg.seq_length} tokens{', packed' if cfg.packing else ''}) x "
             f"{accumulation} accumulation steps x DP {dp} = global batch "
             f"{cfg.global_batch_size} pairs; {describe_optimizer(cfg)}; reference model: "
             f"{cfg.ref_load or 'the starting weights'}"

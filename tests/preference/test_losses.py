@@ -143,7 +143,7 @@ def test_pairs_render_with_the_chat_template_and_learn_only_the_answer(tmp_path,
         [DataSource(path=str(_write(tmp_path / "p.jsonl", records)))], tokenizer, 64, seed=0
     )
     assert len(dataset) == 2
-    batch = collate_pairs(dataset, [0, 1])
+    batch = collate_pairs(dataset.pair_rows([0, 1], packing=False), 2)
     assert batch["tokens"].shape == (4, 64)
     for row in range(4):
         learned = batch["labels"][row][batch["loss_mask"][row] > 0].tolist()
@@ -152,6 +152,18 @@ def test_pairs_render_with_the_chat_template_and_learn_only_the_answer(tmp_path,
         assert "指示" not in text and "こんにちは" not in text, text  # never the prompt
     chosen = tokenizer.decode(batch["labels"][1][batch["loss_mask"][1] > 0])
     assert "3776" in chosen and "こんにちは" not in chosen
+
+    # Packed, the four answers share rows; each answer keeps its tokens, labels, mask and
+    # positions (restarting at 0), in a segment of its own.
+    packed = collate_pairs(dataset.pair_rows([0, 1], packing=True), 2)
+    assert packed["tokens"].shape[0] < 4
+    for answer in range(4):
+        here, alone = packed["sequence_ids"] == answer, batch["sequence_ids"] == answer
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(packed[key][here], batch[key][alone]), (answer, key)
+        flat = torch.nonzero(here.flatten()).flatten()
+        assert int(flat[0]) in packed["cu_seqlens"].tolist()
+        assert int(flat[-1]) + 1 in packed["cu_seqlens"].tolist()
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,24 @@
-"""train_dpo.py under torchrun: TP=2 / DP=2 / PP=2 equal one process, a rerun of the same
-command resumes bitwise, held-out preference accuracy rises; --dry-run counts the reference."""
+"""train_dpo.py under torchrun: TP=2 / DP=2 / PP=2 equal one process, packed pairs equal one
+answer per row, a rerun of the same command resumes bitwise (fp32, and bf16 with the
+distributed optimizer), held-out preference accuracy rises; --dry-run counts the reference."""
 
 import json
 
 import pytest
 import torch
 
-from megatron_kaja.checkpoint.convert import hf_to_mcore
+from megatron_kaja.checkpoint.convert import McoreCheckpointMeta, hf_to_mcore
 from megatron_kaja.preference.trainer import main as dpo_main
 from tests.helpers import REPO, checkpoint_weights, run_torchrun
 
 WORKER = REPO / "tests" / "helpers_train_worker.py"
 STEPS = 4
+BF16_STEPS = 4
+# Adam divides each gradient entry by its running RMS + eps: where an entry nearly cancels
+# (|g| ~ 1e-7), float rounding in g moves the first updates by up to lr x rounding / eps
+# (~1e-5 at eps 1e-8). The packed-vs-unpacked weight check uses eps 1e-4 so that what is
+# compared is float32 rounding, not its magnification.
+EPS = ("--adam-eps", "1e-4")
 TOPICS = ["爆弾", "毒物", "銃", "詐欺", "盗聴", "薬物", "放火", "誘拐", "偽札", "ハッキング"]
 
 
@@ -70,12 +77,24 @@ def runs(dpo_setup, tiny_hf_dir, tmp_path_factory):
         a("learn", "--train-iters", "24", "--valid-data", str(dpo_setup / "valid.jsonl"),
           "--eval-interval", "6", "--lr", "3e-3", "--lr-decay-style", "constant"),
         a("ipo", "--loss-type", "ipo", "--train-iters", "2"),
+        a("unpacked", *EPS, "--save", str(out / "unpacked")),
+        a("packed", "--packing", *EPS, "--save", str(out / "packed")),
+        a("sdpa_packed", "--packing", *EPS, "--transformer-impl", "sdpa"),
     ]  # fmt: skip
     run_torchrun(WORKER, 1, json.dumps([{"entry": "dpo", "argv": r} for r in single]))
+    dopt = ("--use-distributed-optimizer",)
+    bf16 = ("--bf16", *dopt, "--train-iters", str(BF16_STEPS))
+    bf16_resumed = ("--save", str(out / "bf16_resumed"))
     double = [
         a("tp2", "--tensor-model-parallel-size", "2"),
-        a("dp2", "--use-distributed-optimizer"),
+        a("dp2", *dopt),
         a("pp2", "--pipeline-model-parallel-size", "2"),
+        a("dp2_packed", "--packing", *EPS, *dopt, "--save", str(out / "dp2_packed")),
+        # packed micro-batches of 3 and 4 rows: evened out for the pipeline's fixed shapes
+        a("pp2_packed", "--packing", *EPS, "--pipeline-model-parallel-size", "2"),
+        a("bf16", *bf16, "--save", str(out / "bf16")),
+        a("bf16_part1", *bf16, *bf16_resumed, "--exit-interval", "2"),
+        a("bf16_resumed", *bf16, *bf16_resumed),
     ]
     run_torchrun(WORKER, 2, json.dumps([{"entry": "dpo", "argv": r} for r in double]))
     return out
@@ -98,6 +117,39 @@ def test_parallel_layouts_equal_one_process(runs, name):
     for a, b in zip(parallel, reference, strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["rewards/accuracies"] == b["rewards/accuracies"]
+
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+                "logps/rejected", "sft_nll", "grad_norm")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["packed", "sdpa_packed", "dp2_packed", "pp2_packed"])
+def test_packed_pairs_equal_one_answer_per_row(runs, name):
+    """--packing puts several answers in a row (each its own attention segment, log-probs
+    summed per answer): the loss, every metric and the updated weights are those of one
+    answer per row, to float32 rounding."""
+    reference = _metrics(runs / "unpacked" / "metrics.jsonl")
+    packed = _metrics(runs / name / "metrics.jsonl")
+    assert [m["step"] for m in packed] == list(range(1, STEPS + 1))
+    # 8 pairs a step: 16 rows unpacked, fewer packed (short answers share rows)
+    assert [m["rows"] for m in reference] == [16] * STEPS
+    if name != "pp2_packed":  # (there every micro-batch of a step has the most rows)
+        assert all(m["rows"] < 16 for m in packed), [m["rows"] for m in packed]
+    for key in PAIR_METRICS:
+        torch.testing.assert_close(
+            torch.tensor([m[key] for m in packed], dtype=torch.float64),
+            torch.tensor([m[key] for m in reference], dtype=torch.float64),
+            rtol=1e-6, atol=1e-6, msg=key,
+        )  # fmt: skip
+    assert [m["rewards/accuracies"] for m in packed] == [m["rewards/accuracies"] for m in reference]
+    if name in ("sdpa_packed", "pp2_packed"):
+        return  # save nothing: their metrics cover the SDPA and pipeline paths
+    a = checkpoint_weights(runs / "unpacked" / f"iter_{STEPS:07d}")
+    b = checkpoint_weights(runs / name / f"iter_{STEPS:07d}")
+    assert a.keys() == b.keys()
+    for key, tensor in a.items():
+        torch.testing.assert_close(b[key], tensor, rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
@@ -133,6 +185,25 @@ def test_rerun_of_the_same_command_resumes_bitwise(runs):
 
 
 @pytest.mark.slow
+def test_bf16_with_the_distributed_optimizer_resumes_bitwise(runs):
+    """--bf16 --use-distributed-optimizer at DP=2 (as GPU runs train): 2 steps, exit, the
+    same command again: the metrics and the saved bf16 weights equal an uninterrupted run's."""
+    part1 = _metrics(runs / "bf16_part1" / "metrics.jsonl")
+    resumed = _metrics(runs / "bf16_resumed" / "metrics.jsonl")
+    full = _metrics(runs / "bf16" / "metrics.jsonl")
+    assert [m["step"] for m in part1 + resumed] == list(range(1, BF16_STEPS + 1))
+    keys = ("loss", "rewards/margins", "rewards/chosen", "sft_nll", "grad_norm", "lr")
+    assert [[m[k] for k in keys] for m in part1 + resumed] == [[m[k] for k in keys] for m in full]
+    assert full[-1]["rewards/margins"] > 0 and full[-1]["loss"] < full[0]["loss"]
+    last = f"iter_{BF16_STEPS:07d}"
+    assert McoreCheckpointMeta.load(runs / "bf16" / last).dtype == "bfloat16"
+    a = checkpoint_weights(runs / "bf16" / last)
+    b = checkpoint_weights(runs / "bf16_resumed" / last)
+    for key, tensor in a.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, b[key]), key
+
+
+@pytest.mark.slow
 def test_held_out_preference_accuracy_rises(runs):
     valid = [m for m in _metrics(runs / "learn" / "metrics.jsonl") if "valid_accuracy" in m]
     assert [m["step"] for m in valid] == [0, 6, 12, 18, 24]
@@ -152,3 +223,14 @@ def test_dry_run_counts_the_reference_model(capsys):
     out = capsys.readouterr().out
     assert "TP=4 x PP=1 x DP=2" in out and "64 pairs" in out
     assert "reference model" in out and "result: OK" in out
+
+
+def test_packing_is_refused_where_it_is_not_exact(caplog):
+    """FP8 scales span a micro-batch's rows: packed and unpacked pairs would differ, so the
+    run stops before any compute with one line naming the flag (exit 2)."""
+    argv = ["--tokenizer", "nowhere/tok", "--train-data", "nowhere/pairs.jsonl", "--load",
+            "nowhere/mc", "--packing", "--transformer-impl", "transformer_engine",
+            "--fp8-format", "e4m3", "--dry-run", "--allow-missing-files"]  # fmt: skip
+    assert dpo_main(argv) == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "--packing" in message and "--fp8-format" in message and "\n" not in message
