@@ -8,6 +8,7 @@ import torch
 
 from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.rl.losses import token_logprobs
 from megatron_kaja.rl.rollout import prompt_record
 from megatron_kaja.rl.step import grpo_step
 
@@ -142,3 +143,34 @@ def test_reward_rises_on_a_rule_reward(setup):
     ]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last >= first + 0.3, rewards
+
+
+def test_rows_padded_for_sequence_parallelism_score_alike(tiny_policy):
+    """Under --sequence-parallel the scoring forward takes rows right-padded to a multiple of
+    TP: the padding is masked, after every real position, and gives the same log-probs."""
+    from megatron_kaja.rl.sampler import Generation, causal_padding_mask
+    from megatron_kaja.rl.step import forward_inputs, response_logprobs
+
+    model, arch = tiny_policy
+    device = compute_device()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(8, arch.vocab_size, (3, 5), generator=g).to(device)
+    response = torch.randint(8, arch.vocab_size, (3, 4), generator=g).to(device)
+    prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
+    prompt_mask[1, :2] = False  # left-padded prompt
+    response_mask = torch.ones_like(response, dtype=torch.bool)
+    response_mask[2, 3:] = False  # ended early
+    gen = Generation(prompt, prompt_mask, response, response_mask, torch.zeros(3, 4))
+    model.eval()
+    with torch.no_grad():
+        plain = response_logprobs(
+            model, gen, slice(0, 3), temperature=1.0, vocab_size=arch.vocab_size
+        )
+        for multiple in (2, 4):
+            tokens, valid = forward_inputs(gen, slice(0, 3), multiple)
+            assert tokens.size(1) % multiple == 0 and tokens.size(1) >= 8
+            assert not valid[:, 8:].any()
+            positions = torch.arange(tokens.size(1), device=device).expand_as(tokens)
+            logits = model(tokens, positions, causal_padding_mask(valid))[:, 4:8]
+            padded = token_logprobs(logits, response, temperature=1.0, vocab_size=arch.vocab_size)
+            torch.testing.assert_close(padded, plain, atol=1e-6, rtol=0)
