@@ -17,9 +17,8 @@ from megatron_kaja.training.settings import RunSettings
 
 _D = GRPOConfig  # its class attributes are the algorithm's defaults
 
-# The scale settings GRPO cannot take yet, and why: its rollouts run outside megatron-core's
-# schedule (the builtin sampler decodes one token at a time through each stage, a stage per
-# rank, without transformer-engine's sequence split or FP8 shapes).
+# The scale settings GRPO cannot take yet, and why: the builtin sampler decodes one token at
+# a time, passing each step's activations from stage to stage (docs/scale.md, GRPO).
 GRPO_UNSUPPORTED_SCALE = {
     "num_layers_per_virtual_pipeline_stage": "the sampler passes one model chunk per rank",
     "context_parallel_size": "the sampler does not split sequences over ranks",

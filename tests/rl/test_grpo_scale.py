@@ -3,6 +3,8 @@
 - `--sequence-parallel` at TP=2 against TP=2 alone: the sampler decodes with sequence
   parallelism off, the log-prob and update forwards take rows right-padded to a multiple of
   TP, the norms' gradients are summed over TP;
+- the same at TP=2 x PP=2 (a second launch, 4 processes): the pipeline schedule's
+  activations between stages are split over TP;
 - `--overlap-grad-reduce` (+ `--overlap-param-gather` with the distributed optimizer, small
   buckets, two optimizer passes per step) at DP=2 against the blocking run.
 """
@@ -38,9 +40,19 @@ RUNS = {
 PAIRS = {  # run with the flag: (the run without it, bound on losses and weights)
     "tp2_sp_new6": ("tp2_new6", 1e-5),
     "tp2_sp_new7": ("tp2_new7", 1e-5),
+    "tp2_pp2_sp": ("tp2_pp2", 1e-5),
     "dp2_overlap": ("dp2", 1e-6),
     "dp2_distopt_overlap": ("dp2_distopt", 1e-6),
 }
+
+
+PP_RUNS = {
+    "tp2_pp2": [*TP2, "--pipeline-model-parallel-size", "2", "--max-new-tokens", "7"],
+    "tp2_pp2_sp": [
+        *TP2, "--pipeline-model-parallel-size", "2", "--max-new-tokens", "7",
+        "--sequence-parallel",
+    ],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +75,9 @@ def runs(tmp_path_factory, tiny_hf_dir):
             "--seed", "3", *extra,
         ]  # fmt: skip
 
-    launch = [{"entry": "grpo", "argv": args(name, extra)} for name, extra in RUNS.items()]
-    run_torchrun(WORKER, 2, json.dumps(launch), timeout=1200)
+    for nproc, runs in ((2, RUNS), (4, PP_RUNS)):
+        launch = [{"entry": "grpo", "argv": args(name, extra)} for name, extra in runs.items()]
+        run_torchrun(WORKER, nproc, json.dumps(launch), timeout=1200)
     return root
 
 
