@@ -103,9 +103,10 @@ def run_micro_batches(
     kw = dict(temperature=temperature, vocab_size=vocab_size)
     if _single_stage(model):
         # megatron DDP's `no_sync` (the training stack sets it as the config's no_sync_func)
-        # around every backward but the last: with --overlap-grad-reduce a bucket's reduce
-        # starts from the backward hooks once its gradients are complete, which must be in
-        # the last micro-batch, as megatron-core's own schedule does it.
+        # around every backward but the last, as megatron-core's own schedule does: with
+        # --overlap-grad-reduce a bucket's reduce starts from the backward hooks once its
+        # weights had as many backwards as in the first step, and a step's number of
+        # micro-batches varies (dynamic sampling drops groups); under no_sync that count is 1.
         no_sync = getattr(model.config, "no_sync_func", None) or contextlib.nullcontext
         results = []
         for index, rows in enumerate(slices):
