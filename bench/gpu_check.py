@@ -14,7 +14,8 @@ and `ok`) and `OUT/gpu_check.log` (each step's command and output). Checks, in o
    fp32 and bf16 (distributed optimizer) first-step losses equal within bf16 tolerance; a
    bf16 run stopped and saved at step 2 (--exit-interval, the process ends) and resumed to
    step 4 has the uninterrupted run's losses and weights, bitwise;
-4. `grpo`: train_grpo.py, 2 steps each with the builtin and the hf rollout engines;
+4. `grpo`: train_grpo.py, 2 steps each with the builtin and the hf rollout engines (the
+   check's model as an in-process judge);
 5. `sft_gpu_bench`: bench/sft_gpu.py once (tokens/s and MFU against transformers);
 6. `scale`: the scale flags, each against the run without it (docs/scale.md):
    `overlap` (SFT, --overlap-grad-reduce + --overlap-param-gather, several buckets: the
@@ -233,7 +234,9 @@ def sft_run(
 def grpo_run(
     log: Log, work: Path, data: dict, size: dict, name: str, *extra: str, processes: int = 1
 ) -> tuple[bool, list[dict], float]:
-    """train_grpo.py, 2 steps with a rule reward; (succeeded, its step records, seconds)."""
+    """train_grpo.py, 2 steps; (succeeded, its step records, seconds). The reward is the
+    check's own model as an in-process judge: its scores vary, so the advantages, losses and
+    updates compared are not zero (a rule reward scores a random model's answers all 0)."""
     out = work / "grpo" / name
     cmd = [
         *launcher(processes), "train_grpo.py", "--load", str(work / "mcore"),
@@ -241,7 +244,7 @@ def grpo_run(
         "--num-generations", "4", "--max-new-tokens", str(size["new_tokens"]),
         "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "2",
         "--lr", "1e-5", "--metrics-file", str(out / "m.jsonl"), "--seed", "3",
-        "--reward", "refusal_with_reason", *extra,
+        "--reward", "judge", "--judge-backend", "hf", "--judge-model", str(data["hf"]), *extra,
     ]  # fmt: skip
     ok, _, seconds = run(log, f"grpo {name}", cmd, timeout=300)
     steps = _metrics(out / "m.jsonl")
@@ -339,7 +342,8 @@ def check_scale(log: Log, work: Path, data: dict, size: dict, cpu: bool) -> dict
     diff = _loss_diff(steps, _metrics(work / "grpo" / "builtin" / "m.jsonl"))
     result["grpo_overlap"] = dict(
         ok=ok and diff <= SCALE_LOSS_RTOL, max_loss_diff=diff, atol=SCALE_LOSS_RTOL,
-        seconds=seconds,
+        seconds=seconds, losses=[m["loss"] for m in steps],
+        grad_norms=[m["grad_norm"] for m in steps],
     )  # fmt: skip
 
     why_not = fp8_unavailable(cpu)
@@ -377,6 +381,8 @@ def check_scale(log: Log, work: Path, data: dict, size: dict, cpu: bool) -> dict
             ok=all((ok_a, ok_b, ok_c, ok_d)) and sft_diff <= SCALE_LOSS_RTOL
             and grpo_diff <= SCALE_LOSS_RTOL,
             sft_max_loss_rel_diff=sft_diff, grpo_max_loss_diff=grpo_diff, tol=SCALE_LOSS_RTOL,
+            grpo_losses=[m["loss"] for m in g_with],
+            grpo_grad_norms=[m["grad_norm"] for m in g_with],
             with_sp=_speed(with_sp), without_sp=_speed(without),
         )  # fmt: skip
         pp2 = ("--pipeline-model-parallel-size", "2")
