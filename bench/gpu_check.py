@@ -14,9 +14,19 @@ and `ok`) and `OUT/gpu_check.log` (each step's command and output). Checks, in o
    fp32 and bf16 (distributed optimizer) first-step losses equal within bf16 tolerance; a
    bf16 run stopped and saved at step 2 (--exit-interval, the process ends) and resumed to
    step 4 has the uninterrupted run's losses and weights, bitwise;
-4. `grpo`: train_grpo.py, 2 steps each with the builtin and the hf rollout engines;
-5. `sft_gpu_bench`: bench/sft_gpu.py once (tokens/s and MFU against transformers).
-`--cpu` shrinks every size so CI proves the script end to end (its figures mean nothing).
+4. `grpo`: train_grpo.py, 2 steps each with the builtin and the hf rollout engines (the
+   check's model as an in-process judge);
+5. `sft_gpu_bench`: bench/sft_gpu.py once (tokens/s and MFU against transformers);
+6. `scale`: the scale flags, each against the run without it (docs/scale.md):
+   `overlap` (SFT, --overlap-grad-reduce + --overlap-param-gather, several buckets: the
+   losses of the bf16 run of 3.), `grpo_overlap` (the same flags in train_grpo.py: the
+   losses of 4.'s builtin run), `fp8` (--fp8-format hybrid through transformer-engine:
+   first loss within FP8 tolerance of bf16's, tokens/s and MFU; skipped, saying why, without
+   transformer-engine or an FP8 GPU), and on 2 devices (skipped, saying so, on one GPU)
+   `sequence_parallel` (SFT and GRPO at TP=2, with vs without, peak memory of each) and
+   `virtual_pipeline` (SFT at PP=2 with 2 model chunks per stage vs without).
+`--cpu` shrinks every size so CI proves the script end to end (its figures mean nothing);
+there the 2-device settings run as 2 CPU processes.
 
 Bringing the project to a machine that has only torch (CUDA) and transformers, Python 3.12,
 no network. On a machine with network, from this repository:
@@ -59,13 +69,17 @@ SIZES = {
         bench=["--layers", "4", "--steps", "6", "--warmup", "2"],
     ),
     "cpu": dict(
-        hidden=64, ffn=176, layers=2, heads=4, kv_heads=2, vocab=509, seq=128,
+        hidden=64, ffn=176, layers=4, heads=4, kv_heads=2, vocab=509, seq=128,
         micro_batch=2, global_batch=4, records=64, text_repeat=2, new_tokens=4,
         bench=["--tiny"],
     ),
 }  # fmt: skip
 BF16_FIRST_LOSS_RTOL = 2e-2  # bf16 weights and activations vs fp32, same data and init
 VERIFY_RTOL = 1e-3  # |megatron - transformers| logits / largest logit (fp32)
+FP8_FIRST_LOSS_RTOL = 5e-2  # FP8 GEMMs (hybrid, delayed scaling) vs bf16, same data and init
+OVERLAP_LOSS_ATOL = 1e-6  # overlap only moves communication: the same sums
+SCALE_LOSS_RTOL = 1e-5  # SP / VPP vs without, fp32: the same sums in another order
+BUCKET_ELEMENTS = {"gpu": 4_000_000, "cpu": 2000}  # --ddp-bucket-size: several buckets
 
 
 class Log:
@@ -191,21 +205,56 @@ def check_convert_verify(log: Log, work: Path, data: dict) -> dict:
     return result
 
 
-def check_sft(log: Log, work: Path, data: dict, size: dict) -> dict:
-    mcore = work / "mcore"
+def launcher(processes: int) -> list[str]:
+    """The command prefix that starts a script as `processes` ranks (one per device)."""
+    if processes == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={processes}"]  # fmt: skip
 
-    def sft(name: str, *extra: str, iters: int = 4, load=mcore) -> tuple[bool, list[dict]]:
-        out = work / "sft" / name
-        cmd = [
-            sys.executable, "pretrain_sft.py", "--load", str(load),
-            "--tokenizer", str(data["tokenizer"]), "--train-data", str(data["train"]),
-            "--seq-length", str(size["seq"]), "--micro-batch-size", str(size["micro_batch"]),
-            "--global-batch-size", str(size["global_batch"]), "--train-iters", str(iters),
-            "--data-cache-dir", str(work / "cache"), "--metrics-file", str(out / "m.jsonl"),
-            "--seed", "5", "--lr", "2e-4", "--min-lr", "2e-5", *extra,
-        ]  # fmt: skip
-        ok, _, _ = run(log, f"sft {name}", cmd, timeout=300)
-        return ok, _metrics(out / "m.jsonl")
+
+def sft_run(
+    log: Log, work: Path, data: dict, size: dict, name: str, *extra: str,
+    iters: int = 4, load: Path | None = None, processes: int = 1,
+) -> tuple[bool, list[dict]]:  # fmt: skip
+    """pretrain_sft.py on the check's model and data; (succeeded, its step records)."""
+    out = work / "sft" / name
+    cmd = [
+        *launcher(processes), "pretrain_sft.py", "--load", str(load or work / "mcore"),
+        "--tokenizer", str(data["tokenizer"]), "--train-data", str(data["train"]),
+        "--seq-length", str(size["seq"]), "--micro-batch-size", str(size["micro_batch"]),
+        "--global-batch-size", str(size["global_batch"]), "--train-iters", str(iters),
+        "--data-cache-dir", str(work / "cache"), "--metrics-file", str(out / "m.jsonl"),
+        "--seed", "5", "--lr", "2e-4", "--min-lr", "2e-5", *extra,
+    ]  # fmt: skip
+    ok, _, _ = run(log, f"sft {name}", cmd, timeout=300)
+    return ok, _metrics(out / "m.jsonl")
+
+
+def grpo_run(
+    log: Log, work: Path, data: dict, size: dict, name: str, *extra: str, processes: int = 1
+) -> tuple[bool, list[dict], float]:
+    """train_grpo.py, 2 steps; (succeeded, its step records, seconds). The reward is the
+    check's own model as an in-process judge: its scores vary, so the advantages, losses and
+    updates compared are not zero (a rule reward scores a random model's answers all 0)."""
+    out = work / "grpo" / name
+    cmd = [
+        *launcher(processes), "train_grpo.py", "--load", str(work / "mcore"),
+        "--tokenizer", str(data["tokenizer"]), "--prompts", f"{data['prompts']}:safety",
+        "--num-generations", "4", "--max-new-tokens", str(size["new_tokens"]),
+        "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "2",
+        "--lr", "1e-5", "--metrics-file", str(out / "m.jsonl"), "--seed", "3",
+        "--reward", "judge", "--judge-backend", "hf", "--judge-model", str(data["hf"]), *extra,
+    ]  # fmt: skip
+    ok, _, seconds = run(log, f"grpo {name}", cmd, timeout=300)
+    steps = _metrics(out / "m.jsonl")
+    ok = ok and len(steps) == 2 and all(math.isfinite(m["loss"]) for m in steps)
+    return ok, steps, seconds
+
+
+def check_sft(log: Log, work: Path, data: dict, size: dict) -> dict:
+    def sft(name: str, *extra: str, iters: int = 4, load=None) -> tuple[bool, list[dict]]:
+        return sft_run(log, work, data, size, name, *extra, iters=iters, load=load)
 
     bf16 = ("--bf16", "--use-distributed-optimizer")
     saved = work / "sft" / "bf16_resumed_ckpt"
@@ -235,19 +284,116 @@ def check_sft(log: Log, work: Path, data: dict, size: dict) -> dict:
 def check_grpo(log: Log, work: Path, data: dict, size: dict) -> dict:
     result = {}
     for engine in ("builtin", "hf"):
-        out = work / "grpo" / engine
-        cmd = [
-            sys.executable, "train_grpo.py", "--load", str(work / "mcore"),
-            "--tokenizer", str(data["tokenizer"]), "--prompts", f"{data['prompts']}:safety",
-            "--num-generations", "4", "--max-new-tokens", str(size["new_tokens"]),
-            "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", "2",
-            "--lr", "1e-5", "--metrics-file", str(out / "m.jsonl"), "--seed", "3",
-            "--reward", "refusal_with_reason", "--rollout-engine", engine,
-        ]  # fmt: skip
-        ok, _, seconds = run(log, f"grpo {engine}", cmd, timeout=300)
-        steps = _metrics(out / "m.jsonl")
-        ok = ok and len(steps) == 2 and all(math.isfinite(m["loss"]) for m in steps)
+        ok, steps, seconds = grpo_run(log, work, data, size, engine, "--rollout-engine", engine)
         result[engine] = dict(ok=ok, seconds=seconds, losses=[m["loss"] for m in steps])
+    return {**result, "ok": all(r["ok"] for r in result.values())}
+
+
+def _loss_diff(a: list[dict], b: list[dict], relative: bool = False) -> float:
+    """The largest loss difference of two runs step by step (inf unless both have steps)."""
+    if not a or len(a) != len(b):
+        return math.inf
+    scale = (lambda m: abs(m["loss"])) if relative else (lambda m: 1.0)
+    return max(abs(x["loss"] - y["loss"]) / scale(y) for x, y in zip(a, b, strict=True))
+
+
+def _speed(steps: list[dict]) -> dict:
+    last = steps[-1] if steps else {}
+    return {k: last.get(k) for k in ("tokens_per_s", "mfu", "max_memory_gib")}
+
+
+def fp8_unavailable(cpu: bool) -> str | None:
+    """Why the FP8 setting cannot run here (None: it can)."""
+    import torch
+
+    from megatron_kaja.extras import is_available
+
+    if cpu or not torch.cuda.is_available():
+        return "no CUDA device (FP8 GEMMs need an FP8 GPU)"
+    if not is_available("transformer_engine"):
+        return "transformer-engine is not installed (pip install 'megatron-kaja[gpu]')"
+    if torch.cuda.get_device_capability() < (8, 9):
+        name = torch.cuda.get_device_name()
+        return f"{name} has no FP8 tensor cores (compute capability 8.9 or newer needed)"
+    return None
+
+
+def check_scale(log: Log, work: Path, data: dict, size: dict, cpu: bool) -> dict:
+    """The scale flags against the runs without them (the runs of check_sft / check_grpo are
+    the baselines of the one-device settings)."""
+    import torch
+
+    bf16 = ("--bf16", "--use-distributed-optimizer")
+    overlap = ("--overlap-grad-reduce", "--overlap-param-gather",
+               "--ddp-bucket-size", str(BUCKET_ELEMENTS["cpu" if cpu else "gpu"]))  # fmt: skip
+    result: dict = {}
+
+    ok, steps = sft_run(log, work, data, size, "bf16_overlap", *bf16, *overlap)
+    plain = _metrics(work / "sft" / "bf16" / "m.jsonl")
+    diff = _loss_diff(steps, plain)
+    result["overlap"] = dict(
+        ok=ok and diff <= OVERLAP_LOSS_ATOL, max_loss_diff=diff, atol=OVERLAP_LOSS_ATOL,
+        overlapped=_speed(steps), blocking=_speed(plain),
+    )  # fmt: skip
+
+    ok, steps, seconds = grpo_run(
+        log, work, data, size, "builtin_overlap", "--use-distributed-optimizer", *overlap
+    )
+    diff = _loss_diff(steps, _metrics(work / "grpo" / "builtin" / "m.jsonl"))
+    result["grpo_overlap"] = dict(
+        ok=ok and diff <= SCALE_LOSS_RTOL, max_loss_diff=diff, atol=SCALE_LOSS_RTOL,
+        seconds=seconds, losses=[m["loss"] for m in steps],
+        grad_norms=[m["grad_norm"] for m in steps],
+    )  # fmt: skip
+
+    why_not = fp8_unavailable(cpu)
+    if why_not:
+        result["fp8"] = dict(ok=True, skipped=why_not)
+    else:
+        te = ("--transformer-impl", "transformer_engine")
+        ok, steps = sft_run(log, work, data, size, "bf16_fp8", *bf16, *te, "--fp8-format", "hybrid")
+        first = plain[0]["loss"] if plain else math.nan
+        rel = abs(steps[0]["loss"] - first) / first if steps and plain else math.inf
+        result["fp8"] = dict(
+            ok=ok and rel <= FP8_FIRST_LOSS_RTOL, first_loss=steps[0]["loss"] if steps else None,
+            bf16_first_loss=first, relative_diff=rel, rtol=FP8_FIRST_LOSS_RTOL,
+            fp8=_speed(steps), bf16=_speed(plain),
+        )  # fmt: skip
+
+    devices = 2 if cpu else torch.cuda.device_count()
+    if devices < 2:
+        reason = f"needs 2 GPUs (TP=2 / PP=2), this machine has {devices}"
+        result["sequence_parallel"] = dict(ok=True, skipped=reason)
+        result["virtual_pipeline"] = dict(ok=True, skipped=reason)
+    else:
+        # fp32, so that only the order of the sums differs (bf16 would round them apart).
+        two = dict(iters=2, processes=2)
+        tp2 = ("--tensor-model-parallel-size", "2")
+        ok_a, without = sft_run(log, work, data, size, "tp2", *tp2, **two)
+        ok_b, with_sp = sft_run(log, work, data, size, "tp2_sp", *tp2, "--sequence-parallel", **two)
+        ok_c, g_without, _ = grpo_run(log, work, data, size, "tp2", *tp2, processes=2)
+        ok_d, g_with, _ = grpo_run(
+            log, work, data, size, "tp2_sp", *tp2, "--sequence-parallel", processes=2
+        )
+        sft_diff = _loss_diff(with_sp, without, relative=True)
+        grpo_diff = _loss_diff(g_with, g_without)
+        result["sequence_parallel"] = dict(
+            ok=all((ok_a, ok_b, ok_c, ok_d)) and sft_diff <= SCALE_LOSS_RTOL
+            and grpo_diff <= SCALE_LOSS_RTOL,
+            sft_max_loss_rel_diff=sft_diff, grpo_max_loss_diff=grpo_diff, tol=SCALE_LOSS_RTOL,
+            grpo_losses=[m["loss"] for m in g_with],
+            grpo_grad_norms=[m["grad_norm"] for m in g_with],
+            with_sp=_speed(with_sp), without_sp=_speed(without),
+        )  # fmt: skip
+        pp2 = ("--pipeline-model-parallel-size", "2")
+        chunks = ("--num-layers-per-virtual-pipeline-stage", str(size["layers"] // 4))
+        ok_a, one_chunk = sft_run(log, work, data, size, "pp2", *pp2, **two)
+        ok_b, two_chunks = sft_run(log, work, data, size, "pp2_vpp2", *pp2, *chunks, **two)
+        diff = _loss_diff(two_chunks, one_chunk, relative=True)
+        result["virtual_pipeline"] = dict(
+            ok=ok_a and ok_b and diff <= SCALE_LOSS_RTOL, max_loss_rel_diff=diff,
+            tol=SCALE_LOSS_RTOL, interleaved=_speed(two_chunks), one_chunk=_speed(one_chunk),
+        )  # fmt: skip
     return {**result, "ok": all(r["ok"] for r in result.values())}
 
 
@@ -294,10 +440,12 @@ def main(argv=None) -> int:
         checks["sft_bf16"] = check_sft(log, work, data, size)
         checks["grpo"] = check_grpo(log, work, data, size)
     checks["sft_gpu_bench"] = check_sft_gpu_bench(log, size)
+    if "sft_bf16" in checks:  # the scale flags' baselines are the runs above
+        checks["scale"] = check_scale(log, work, data, size, args.cpu)
     summary.update(
         checks=checks,
         seconds=time.perf_counter() - started,
-        ok=all(c["ok"] for c in checks.values()) and len(checks) == 5,
+        ok=all(c["ok"] for c in checks.values()) and len(checks) == 6,
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log.write(json.dumps({k: (v["ok"] if isinstance(v, dict) else v) for k, v in checks.items()}))

@@ -17,13 +17,10 @@ from megatron_kaja.training.settings import RunSettings
 
 _D = GRPOConfig  # its class attributes are the algorithm's defaults
 
-# The scale settings GRPO cannot take yet, and why: its rollouts and update run outside
-# megatron-core's schedule (the sampler decodes one token at a time through each stage; the
-# update runs micro-batches of any length and number, each backward on its own).
+# The scale settings GRPO cannot take yet, and why: the builtin sampler decodes one token at
+# a time, passing each step's activations from stage to stage (docs/scale.md, GRPO).
 GRPO_UNSUPPORTED_SCALE = {
-    "sequence_parallel": "the sampler decodes one token at a time (no sequence to split)",
-    "overlap_grad_reduce": "the update's micro-batches run outside megatron-core's schedule",
-    "num_layers_per_virtual_pipeline_stage": "the sampler passes one stage per rank",
+    "num_layers_per_virtual_pipeline_stage": "the sampler passes one model chunk per rank",
     "context_parallel_size": "the sampler does not split sequences over ranks",
     "fp8_format": "the sampler's one-token GEMMs do not meet FP8's shape rules",
 }

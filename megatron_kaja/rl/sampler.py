@@ -25,6 +25,11 @@ Prompts of different lengths are left-padded; RoPE depends on relative positions
 a left-padded prompt (padding masked out of attention) sees the same scores as unpadded.
 Rows stop at EOS (which is kept and learned) or at `max_new_tokens`.
 
+Sequence parallelism (`--sequence-parallel`) is switched off while sampling: a decoding
+step feeds one new position per row, which cannot be split over the TP ranks along the
+sequence. The layers compute the same numbers either way (only where the activations between
+the tensor-parallel regions live changes), so the samples are those of the SP-less model.
+
 Pipeline parallelism: every stage keeps its own KV cache; at each step a stage receives the
 previous stage's hidden states for the new positions, runs its layers and sends its output
 on; the last stage samples and broadcasts the new tokens (and their log-probs) to the
@@ -124,6 +129,35 @@ def _hidden_states_only(model):
         yield
     finally:
         model.post_process = True
+
+
+# The attributes megatron-core's modules copy from `config.sequence_parallel` when built and
+# read at forward time (the linear layers, the vocab-parallel embedding, transformer-engine's
+# modules); megatron-core's own inference switches the same ones
+# (`transformer.utils.set_model_to_sequence_parallel`, 0.16.1).
+_SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "reduce_scatter_embeddings")
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(model):
+    """Run `model` without sequence parallelism inside the block, and restore every switch
+    as it was afterwards: its config objects' `sequence_parallel` (read by the embedding,
+    RoPE and the transformer block at forward time) and the copies its modules took."""
+    saved = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "sequence_parallel", False):
+            saved.append((config, "sequence_parallel", True))
+        for attr in _SEQUENCE_PARALLEL_ATTRS:
+            if module.__dict__.get(attr) is True:
+                saved.append((module, attr, True))
+    for owner, attr, _ in saved:
+        setattr(owner, attr, False)
+    try:
+        yield
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
 
 
 def last_token_logits(model, tokens, valid, inference_context=None) -> torch.Tensor:
@@ -341,36 +375,37 @@ def generate(
     was_training = model.training
     model.eval()
     steps = 0
-    try:
-        for step in range(params.max_new_tokens):
-            end = width + step
-            if context is None:
-                logits = stage_last_token_logits(model, tokens[:, :end], valid[:, :end])
-            else:
-                start = 0 if step == 0 else end - 1
-                logits = stage_last_token_logits(
-                    model, tokens[:, start:end], valid[:, :end], inference_context=context
-                )
-                context.sequence_len_offset = end
-                context.enable_decode_mode()
-            if logits is not None:  # the last pipeline stage samples
-                ids, lp = sample_next_token(
-                    logits, params, vocab_size=vocab_size, generator=generator
-                )
-                lp = lp.float()
-            else:
-                ids = torch.empty(b, dtype=torch.long, device=device)
-                lp = torch.empty(b, dtype=torch.float32, device=device)
-            ids, lp = _share_from_last_stage(model, ids, lp)
-            tokens[:, end] = torch.where(finished, torch.full_like(ids, pad_token_id), ids)
-            valid[:, end] = ~finished
-            logprobs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)
-            finished |= ids == eos_token_id
-            steps = step + 1
-            if bool(finished.all()):  # same tokens on every TP rank: all ranks stop together
-                break
-    finally:
-        model.train(was_training)
+    with sequence_parallel_off(model):
+        try:
+            for step in range(params.max_new_tokens):
+                end = width + step
+                if context is None:
+                    logits = stage_last_token_logits(model, tokens[:, :end], valid[:, :end])
+                else:
+                    start = 0 if step == 0 else end - 1
+                    logits = stage_last_token_logits(
+                        model, tokens[:, start:end], valid[:, :end], inference_context=context
+                    )
+                    context.sequence_len_offset = end
+                    context.enable_decode_mode()
+                if logits is not None:  # the last pipeline stage samples
+                    ids, lp = sample_next_token(
+                        logits, params, vocab_size=vocab_size, generator=generator
+                    )
+                    lp = lp.float()
+                else:
+                    ids = torch.empty(b, dtype=torch.long, device=device)
+                    lp = torch.empty(b, dtype=torch.float32, device=device)
+                ids, lp = _share_from_last_stage(model, ids, lp)
+                tokens[:, end] = torch.where(finished, torch.full_like(ids, pad_token_id), ids)
+                valid[:, end] = ~finished
+                logprobs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)
+                finished |= ids == eos_token_id
+                steps = step + 1
+                if bool(finished.all()):  # same tokens on every TP rank: all ranks stop together
+                    break
+        finally:
+            model.train(was_training)
     return Generation(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

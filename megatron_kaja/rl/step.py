@@ -10,6 +10,7 @@ passes go through megatron-core's pipeline schedule).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -34,19 +35,41 @@ def _timed(metrics: dict, name: str):
         metrics[name] = metrics.get(name, 0.0) + time.perf_counter() - start
 
 
+def sequence_multiple(model) -> int:
+    """What the length of the rows `model` takes must divide by: the TP size under sequence
+    parallelism (each TP rank holds 1 / TP of the sequence between the parallel regions)."""
+    config = model.config
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+def forward_inputs(gen: Generation, rows: slice, multiple: int = 1):
+    """`(tokens, valid)` of the forward that scores `gen`'s responses in `rows`: each sequence
+    but its last token (position t predicts token t + 1), right-padded to a multiple of
+    `multiple` positions. The padding is hidden from attention and, being after every real
+    position of a causal model, changes no real position's logits; nothing reads its own."""
+    tokens = gen.sequences[rows, :-1]
+    valid = gen.attention_valid[rows, :-1]
+    extra = -tokens.size(1) % multiple
+    if extra:
+        tokens = torch.nn.functional.pad(tokens, (0, extra))
+        valid = torch.nn.functional.pad(valid, (0, extra), value=False)
+    return tokens, valid
+
+
 def response_logprobs(
     model, gen: Generation, rows: slice, *, temperature: float, vocab_size: int
 ) -> torch.Tensor:
     """Per-token log-probs `[rows, N]` of the responses `gen.response_ids[rows]` under `model`
     (one forward over prompt + response; differentiable when grad is enabled)."""
-    tokens = gen.sequences[rows]
-    valid = gen.attention_valid[rows]
-    width = gen.prompt_ids.size(1)
+    tokens, valid = forward_inputs(gen, rows, sequence_multiple(model))
+    width, length = gen.prompt_ids.size(1), gen.sequences.size(1) - 1
     positions = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
-    logits = model(tokens[:, :-1], positions[:, :-1], causal_padding_mask(valid[:, :-1]))
+    logits = model(tokens, positions, causal_padding_mask(valid))
     # Position t predicts token t + 1: the response starts at `width`.
-    logits = logits[:, width - 1 :]
-    return token_logprobs(logits, tokens[:, width:], temperature=temperature, vocab_size=vocab_size)
+    logits = logits[:, width - 1 : length]
+    return token_logprobs(
+        logits, gen.response_ids[rows], temperature=temperature, vocab_size=vocab_size
+    )
 
 
 def _micro_batches(n: int, size: int) -> list[slice]:
@@ -79,14 +102,22 @@ def run_micro_batches(
     """
     kw = dict(temperature=temperature, vocab_size=vocab_size)
     if _single_stage(model):
+        # megatron DDP's `no_sync` (the training stack sets it as the config's no_sync_func)
+        # around every backward but the last, as megatron-core's own schedule does: with
+        # --overlap-grad-reduce a bucket's reduce starts from the backward hooks once its
+        # weights had as many backwards as in the first step, and a step's number of
+        # micro-batches varies (dynamic sampling drops groups); under no_sync that count is 1.
+        no_sync = getattr(model.config, "no_sync_func", None) or contextlib.nullcontext
         results = []
-        for rows in slices:
+        for index, rows in enumerate(slices):
             logp = response_logprobs(model, gen, rows, **kw)
             if loss_of is None:
                 results.append(logp)
             else:
                 loss, info = loss_of(rows, logp)
-                loss.backward()
+                last = index == len(slices) - 1
+                with contextlib.nullcontext() if last else no_sync():
+                    loss.backward()
                 results.append(info)
         return results
     return _pipeline_micro_batches(model, gen, slices, loss_of, **kw)
@@ -98,23 +129,23 @@ def _pipeline_micro_batches(model, gen, slices, loss_of, *, temperature, vocab_s
     # The schedule sends [seq, micro-batch, hidden] tensors of one shape: a short last
     # micro-batch is filled up with copies of its last row, which no loss reads.
     n, size = gen.response_ids.size(0), max(s.stop - s.start for s in slices)
-    tokens, valid = gen.sequences, gen.attention_valid
+    tokens, valid = forward_inputs(gen, slice(0, n), sequence_multiple(model))
     if len(slices) * size > n:
         extra = len(slices) * size - n
         tokens = torch.cat([tokens, tokens[-1:].expand(extra, -1)])
         valid = torch.cat([valid, valid[-1:].expand(extra, -1)])
-    width = gen.prompt_ids.size(1)
-    positions = torch.arange(tokens.size(1) - 1, device=tokens.device).expand(size, -1)
+    width, length = gen.prompt_ids.size(1), gen.sequences.size(1) - 1
+    positions = torch.arange(tokens.size(1), device=tokens.device).expand(size, -1)
     results: list = []
 
     def forward_step(data_iterator, stage):
         rows = next(data_iterator)
         padded = slice(rows.start, rows.start + size)
-        output = stage(tokens[padded, :-1], positions, causal_padding_mask(valid[padded, :-1]))
+        output = stage(tokens[padded], positions, causal_padding_mask(valid[padded]))
 
         def loss_func(logits):
-            real = logits[: rows.stop - rows.start, width - 1 :]
-            logp = token_logprobs(real, tokens[rows, width:], **kw)
+            real = logits[: rows.stop - rows.start, width - 1 : length]
+            logp = token_logprobs(real, gen.response_ids[rows], **kw)
             if loss_of is None:
                 results.append(logp)
                 return logp.sum() * 0.0, {}
@@ -129,13 +160,13 @@ def _pipeline_micro_batches(model, gen, slices, loss_of, *, temperature, vocab_s
     kw = dict(temperature=temperature, vocab_size=vocab_size)
     config = model.config
     finalize, config.finalize_model_grads_func = config.finalize_model_grads_func, None
-    try:  # gradients are synchronized by the optimizer step, as with one stage
+    try:  # gradients are finalized by the optimizer step, as with one stage
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(slices),
             model=[model],
             num_microbatches=len(slices),
-            seq_length=tokens.size(1) - 1,
+            seq_length=tokens.size(1),
             micro_batch_size=size,
             forward_only=loss_of is None,
         )

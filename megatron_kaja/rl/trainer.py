@@ -141,7 +141,13 @@ class _MegatronOptimizerStep:
         self.stack.optimizer.zero_grad()
 
     def step(self) -> None:
-        self.stack.ddp.finish_grad_sync()  # average gradients over data-parallel ranks
+        # What megatron-core's schedule runs after the last backward (the step runs its
+        # micro-batches itself): finish the data-parallel gradient average (waiting for the
+        # buckets --overlap-grad-reduce launched), and sum the gradients of the weights that
+        # saw only this rank's slice of the sequence (--sequence-parallel's norms) over TP.
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads(self.stack.ddp_chunks)
         _, grad_norm, _ = self.stack.optimizer.step()
         self.grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
 
@@ -216,6 +222,8 @@ class GRPOTrainer(Trainer):
                 vocab_size_override=run.padded_vocab,
                 first_stage_layers=cfg.decoder_first_pipeline_num_layers,  # the policy's split
                 last_stage_layers=cfg.decoder_last_pipeline_num_layers,
+                # Its forward takes the policy's (padded) rows; SP shrinks its activations too.
+                sequence_parallel=cfg.sequence_parallel,
             )
             load_mcore_weights(self.ref_model, ref_source, impl)
             self.ref_model.requires_grad_(False).eval()

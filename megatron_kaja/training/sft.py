@@ -214,6 +214,8 @@ class SFTTrainer(Trainer):
                     **speed,
                 }
             )
+            if torch.cuda.is_available():  # the peak since the start: what the scale flags cut
+                records[-1]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.valid_set is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
             valid_loss = evaluate(run, self.valid_set)
             records.append({"step": step, "valid_loss": valid_loss})

@@ -25,7 +25,9 @@ def test_gpu_check_cpu_runs_every_check(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     checks = summary["checks"]
     assert summary["ok"] and summary["device"] == "cpu"
-    assert set(checks) == {"gpu_tests", "convert_verify", "sft_bf16", "grpo", "sft_gpu_bench"}
+    assert set(checks) == {
+        "gpu_tests", "convert_verify", "sft_bf16", "grpo", "sft_gpu_bench", "scale"
+    }  # fmt: skip
     assert "skipped" in checks["gpu_tests"]["result"]  # no CUDA here
     assert checks["convert_verify"]["relative_diff"] < checks["convert_verify"]["tolerance"]
     sft = checks["sft_bf16"]
@@ -35,3 +37,16 @@ def test_gpu_check_cpu_runs_every_check(tmp_path):
     assert all(len(checks["grpo"][e]["losses"]) == 2 for e in ("builtin", "hf"))
     assert checks["sft_gpu_bench"]["megatron_kaja"]["tokens_per_s"] > 0
     assert "== sft bf16_resumed: ok" in log
+    # The scale flags: the 2-device settings run as 2 CPU processes; FP8 says why it cannot.
+    scale = checks["scale"]
+    assert scale["overlap"]["max_loss_diff"] <= scale["overlap"]["atol"]
+    assert scale["grpo_overlap"]["max_loss_diff"] <= scale["grpo_overlap"]["atol"]
+    # The GRPO comparisons compare something: the judge's varied scores give gradients.
+    assert min(scale["grpo_overlap"]["grad_norms"]) > 0
+    assert min(scale["sequence_parallel"]["grpo_grad_norms"]) > 0
+    assert "no CUDA device" in scale["fp8"]["skipped"]
+    assert scale["sequence_parallel"]["sft_max_loss_rel_diff"] <= scale["sequence_parallel"]["tol"]
+    assert scale["sequence_parallel"]["grpo_max_loss_diff"] <= scale["sequence_parallel"]["tol"]
+    assert scale["virtual_pipeline"]["max_loss_rel_diff"] <= scale["virtual_pipeline"]["tol"]
+    for name in ("sft tp2_sp", "grpo tp2_sp", "sft pp2_vpp2", "sft bf16_overlap"):
+        assert f"== {name}: ok" in log, name

@@ -133,3 +133,32 @@ def test_stops_at_eos_and_masks_after(tiny_policy):
             ended += 1
     assert ended > 0
     assert (out.response_ids < arch.vocab_size).all()  # never a padded-vocab id
+
+
+def test_sequence_parallel_off_switches_every_copy_and_restores_them():
+    """Decoding feeds one position per row: the sampler runs with every sequence-parallel
+    switch off (the configs' and the copies modules took when built) and restores them."""
+    from types import SimpleNamespace
+
+    from megatron_kaja.rl.sampler import sequence_parallel_off
+
+    model = torch.nn.Sequential(*(torch.nn.Identity() for _ in range(3)))
+    model.config = SimpleNamespace(sequence_parallel=True)
+    model[0].config = SimpleNamespace(sequence_parallel=True)  # a second config object
+    model[0].sequence_parallel = True
+    model[1].reduce_scatter_embeddings = True
+    model[2].sequence_parallel = False  # built without it: stays without
+
+    def switches():
+        return [
+            model.config.sequence_parallel,
+            model[0].config.sequence_parallel,
+            model[0].sequence_parallel,
+            model[1].reduce_scatter_embeddings,
+            model[2].sequence_parallel,
+        ]
+
+    with pytest.raises(RuntimeError), sequence_parallel_off(model):
+        assert switches() == [False] * 5
+        raise RuntimeError("a failed decode restores them too")
+    assert switches() == [True, True, True, True, False]

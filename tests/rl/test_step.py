@@ -8,6 +8,7 @@ import torch
 
 from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.config import GRPOConfig
+from megatron_kaja.rl.losses import token_logprobs
 from megatron_kaja.rl.rollout import prompt_record
 from megatron_kaja.rl.step import grpo_step
 
@@ -142,3 +143,78 @@ def test_reward_rises_on_a_rule_reward(setup):
     ]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last >= first + 0.3, rewards
+
+
+def test_rows_padded_for_sequence_parallelism_score_alike(tiny_policy):
+    """Under --sequence-parallel the scoring forward takes rows right-padded to a multiple of
+    TP: the padding is masked, after every real position, and gives the same log-probs."""
+    from megatron_kaja.rl.sampler import Generation, causal_padding_mask
+    from megatron_kaja.rl.step import forward_inputs, response_logprobs
+
+    model, arch = tiny_policy
+    device = compute_device()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(8, arch.vocab_size, (3, 5), generator=g).to(device)
+    response = torch.randint(8, arch.vocab_size, (3, 4), generator=g).to(device)
+    prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
+    prompt_mask[1, :2] = False  # left-padded prompt
+    response_mask = torch.ones_like(response, dtype=torch.bool)
+    response_mask[2, 3:] = False  # ended early
+    gen = Generation(prompt, prompt_mask, response, response_mask, torch.zeros(3, 4))
+    model.eval()
+    with torch.no_grad():
+        plain = response_logprobs(
+            model, gen, slice(0, 3), temperature=1.0, vocab_size=arch.vocab_size
+        )
+        for multiple in (2, 4):
+            tokens, valid = forward_inputs(gen, slice(0, 3), multiple)
+            assert tokens.size(1) % multiple == 0 and tokens.size(1) >= 8
+            assert not valid[:, 8:].any()
+            positions = torch.arange(tokens.size(1), device=device).expand_as(tokens)
+            logits = model(tokens, positions, causal_padding_mask(valid))[:, 4:8]
+            padded = token_logprobs(logits, response, temperature=1.0, vocab_size=arch.vocab_size)
+            torch.testing.assert_close(padded, plain, atol=1e-6, rtol=0)
+
+
+def test_overlapped_grad_reduce_takes_any_number_of_micro_batches(megatron_world, tiny_hf_dir):
+    """GRPO's steps differ in their number of micro-batches (dynamic sampling drops groups).
+    With --overlap-grad-reduce megatron DDP launches a bucket's reduce once its weights have
+    had as many backwards as in the first step, unless `no_sync` covers every backward but
+    the last: a step with fewer micro-batches would then never launch it (and fail in
+    finalize), one with more would launch it early. The gradient of the same rows split
+    3, 2 and 4 ways is the same."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_kaja.models.llama.config import LlamaArch
+    from megatron_kaja.rl.sampler import Generation
+    from megatron_kaja.rl.step import run_micro_batches
+    from megatron_kaja.training.setup import build_training_stack
+
+    arch = LlamaArch.from_hf_config(tiny_hf_dir)
+    stack = build_training_stack(
+        arch, lr=1e-3, min_lr=0.0, train_iters=4, per_token_loss=False,
+        overlap_grad_reduce=True, ddp_bucket_size=2000,
+    )  # fmt: skip
+    device = compute_device()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(8, arch.vocab_size, (6, 7), generator=g).to(device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    gen = Generation(tokens[:, :4], mask[:, :4], tokens[:, 4:], mask[:, 4:], torch.zeros(6, 3))
+    splits = {
+        3: [slice(0, 2), slice(2, 4), slice(4, 6)],
+        2: [slice(0, 3), slice(3, 6)],
+        4: [slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 6)],
+    }
+    stack.set_train()
+    grads = []
+    for slices in splits.values():
+        stack.zero_grad_buffers()
+        run_micro_batches(
+            stack.model, gen, slices, temperature=1.0, vocab_size=arch.vocab_size,
+            loss_of=lambda rows, logp: (logp.sum(), {}),
+        )  # fmt: skip
+        finalize_model_grads(stack.ddp_chunks)
+        grads.append(torch.cat([p.main_grad.flatten() for p in stack.model.parameters()]))
+    assert grads[0].abs().max() > 0
+    for other in grads[1:]:
+        torch.testing.assert_close(other, grads[0], atol=1e-5, rtol=1e-5)

@@ -102,30 +102,32 @@ def test_transformer_engine_settings_are_refused_without_it_naming_the_extra(arg
         check_scale_extras(cfg)
 
 
-def test_grpo_refuses_what_its_sampler_and_update_cannot_take():
+def test_grpo_refuses_what_its_sampler_cannot_take():
     from megatron_kaja.rl.run_config import GRPORunConfig
     from megatron_kaja.training.settings import load_config as load_settings
 
     base = ["--load", "m", "--tokenizer", "tok", "--prompts", "p.jsonl:safety",
             "--reward", "length"]  # fmt: skip
     for argv, flag in (
-        (["--tensor-model-parallel-size", "2", "--sequence-parallel"], "--sequence-parallel"),
-        (["--overlap-grad-reduce"], "--overlap-grad-reduce"),
         (
             ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
             "--num-layers-per-virtual-pipeline-stage",
         ),
+        (["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"], "--fp8-format"),
     ):
         with pytest.raises(ConfigError, match=f"{flag}: not supported by train_grpo.py"):
             load_settings(base + argv, GRPORunConfig)
-    # What GRPO takes: recompute, uneven stages, the distributed optimizer's param overlap.
+    # What GRPO takes: sequence parallelism, overlapped grad reduce and param gather,
+    # recompute, uneven stages.
     cfg = load_settings(
         [*base, "--recompute-granularity", "full", "--use-distributed-optimizer",
-         "--overlap-param-gather", "--pipeline-model-parallel-size", "2",
-         "--decoder-first-pipeline-num-layers", "1"],
+         "--overlap-param-gather", "--overlap-grad-reduce", "--pipeline-model-parallel-size", "2",
+         "--decoder-first-pipeline-num-layers", "1", "--tensor-model-parallel-size", "2",
+         "--sequence-parallel"],
         GRPORunConfig,
     )  # fmt: skip
     assert cfg.recompute_granularity == "full" and cfg.overlap_param_gather
+    assert cfg.sequence_parallel and cfg.overlap_grad_reduce
 
 
 def test_dry_run_counts_the_scale_settings_and_recommends(capsys, monkeypatch):
