@@ -3,7 +3,9 @@
 Conversion never builds the model: it maps tensors with the declarative key map in
 `megatron_kaja.models.llama.state_dict`. Everything is validated before anything is written,
 and output goes to a temporary folder beside the destination that is renamed at the end,
-so a killed conversion leaves nothing at the destination.
+so a killed conversion leaves nothing at the destination. When the dtype does not change, no
+tensor is built at all: each tensor's bytes are copied file to file by the kernel, in the
+order the key map puts them (`byte_copy`).
 """
 
 from __future__ import annotations

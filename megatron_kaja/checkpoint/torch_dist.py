@@ -7,10 +7,11 @@ sharded keys: global, TP-unsplit tensors, with decoder layers stacked on a leadi
 `megatron.core.dist_checkpointing.load`.
 
 Writing plans the DCP items from shapes alone, exactly as megatron-core's torch_dist
-strategy would lay out this model's sharded state dict, and builds each layer's tensor only
-when DCP's single-threaded writer asks for it, so the whole model is never in memory.
-Reading loads one layer's regions at a time through DCP, with the metadata read by the
-restricted unpickler of `safe_load`.
+strategy would lay out this model's sharded state dict; DCP writes the archives with their
+data bytes skipped, and each tensor's bytes are then filled in, copied file to file from the
+source (`byte_copy`) or from one tensor built at a time, so the whole model is never in
+memory. Reading loads one layer's regions at a time through DCP, with the metadata read by
+the restricted unpickler of `safe_load`, or hands out where a stored chunk's bytes lie.
 """
 
 from __future__ import annotations
