@@ -31,7 +31,12 @@ from pathlib import Path
 import torch
 
 from megatron_kaja.checkpoint import CheckpointError
-from megatron_kaja.checkpoint.byte_copy import ByteSource, StoredTensor, copy_sources
+from megatron_kaja.checkpoint.byte_copy import (
+    ByteSource,
+    StoredTensor,
+    copy_sources,
+    start_writeback,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -323,7 +328,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"{name}: byte sources do not add up to {spec.nbytes} bytes")
         self._file.flush()
         at = self._file.tell()
-        copy_sources(self._file.fileno(), at, sources)
+        start_writeback(self._file.fileno(), at, copy_sources(self._file.fileno(), at, sources))
         self._file.seek(at + spec.nbytes)
 
     def close(self) -> dict[str, str]:

@@ -28,6 +28,7 @@ from megatron_kaja.checkpoint.byte_copy import (
     ByteSource,
     StoredTensor,
     copy_sources,
+    start_writeback,
     torch_save_data_offset,
 )
 from megatron_kaja.checkpoint.safe_load import (
@@ -218,7 +219,7 @@ def _fill_tensor_data(out_dir, metadata, by_key, dtype, global_tensor, global_so
             data_at, placeholder = torch_save_data_offset(out_dir / name, offset, length)
             sources = global_sources(mapping, layer) if global_sources is not None else None
             if sources is not None and sum(s.length for s in sources) == placeholder.nbytes:
-                copy_sources(fds[name], data_at, sources)
+                start_writeback(fds[name], data_at, copy_sources(fds[name], data_at, sources))
                 continue
             tensor = global_tensor(mapping, layer)
             if mapping in LAYER_MAPPINGS:
@@ -231,6 +232,7 @@ def _fill_tensor_data(out_dir, metadata, by_key, dtype, global_tensor, global_so
             view, done = memoryview(data), 0
             while done < len(view):
                 done += os.pwrite(fds[name], view[done:], data_at + done)
+            start_writeback(fds[name], data_at, done)
         for fd in fds.values():
             os.fsync(fd)
     finally:
