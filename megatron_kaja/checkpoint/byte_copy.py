@@ -77,27 +77,30 @@ def row_sources(
         ids.append(torch.arange(first, first + rows, dtype=torch.int64).reshape(shape))
         starts.append(first)
         first += rows
-    first_rows = set(starts)  # a run never crosses from one source into the next
     result = transform(ids)
     outputs = result if isinstance(result, tuple) else (result,)
     plans = []
     for out in outputs:
         if out.dim() == 0 or out.numel() != out.shape[0]:
             return None
-        plan: list[ByteSource] = []
-        run_start = run_len = prev = None
-        for row_id in [*out.reshape(-1).tolist(), -1]:  # -1 closes the last run
-            if run_start is not None and (
-                row_id == prev == 0
-                or (prev > 0 and row_id == prev + 1 and row_id not in first_rows)
-            ):
-                run_len += 1
-                prev = row_id
-                continue
-            if run_start is not None:
-                plan.append(_run_bytes(run_start, run_len, sources, starts, row_bytes))
-            run_start, run_len, prev = row_id, 1, row_id
-        plans.append(plan)
+        rows = out.reshape(-1)
+        if len(rows) == 0:
+            plans.append([])
+            continue
+        prev, cur = rows[:-1], rows[1:]
+        # a row continues the run before it when it is the next row of the same source (a
+        # run never crosses from one source into the next), or both are zero rows
+        continues = ((cur == prev + 1) & (prev > 0) & ~torch.isin(cur, torch.tensor(starts))) | (
+            (cur == 0) & (prev == 0)
+        )
+        bounds = [0, *(torch.nonzero(~continues).view(-1) + 1).tolist(), len(rows)]
+        firsts = rows[bounds[:-1]].tolist()
+        plans.append(
+            [
+                _run_bytes(row_id, end - begin, sources, starts, row_bytes)
+                for row_id, begin, end in zip(firsts, bounds[:-1], bounds[1:], strict=True)
+            ]
+        )
     return plans
 
 
