@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatron_kaja.checkpoint import CheckpointError
@@ -83,17 +84,17 @@ def row_sources(
     for out in outputs:
         if out.dim() == 0 or out.numel() != out.shape[0]:
             return None
-        rows = out.reshape(-1)
+        rows = out.reshape(-1).numpy()  # numpy: no thread-pool start-up per small op
         if len(rows) == 0:
             plans.append([])
             continue
         prev, cur = rows[:-1], rows[1:]
         # a row continues the run before it when it is the next row of the same source (a
         # run never crosses from one source into the next), or both are zero rows
-        continues = ((cur == prev + 1) & (prev > 0) & ~torch.isin(cur, torch.tensor(starts))) | (
+        continues = ((cur == prev + 1) & (prev > 0) & ~np.isin(cur, starts)) | (
             (cur == 0) & (prev == 0)
         )
-        bounds = [0, *(torch.nonzero(~continues).view(-1) + 1).tolist(), len(rows)]
+        bounds = [0, *(np.flatnonzero(~continues) + 1).tolist(), len(rows)]
         firsts = rows[bounds[:-1]].tolist()
         plans.append(
             [
