@@ -10,8 +10,10 @@ then in one run measures two figures per direction (HF -> torch_dist, torch_dist
 * work only: the conversion function alone in a fresh interpreter after its imports, against
   `shutil.copytree` of the same bytes.
 
-Peak RSS is each child's, from the kernel (target <= 1.5 GB). The machine's load
-(`/proc/loadavg`) is printed beside the figures: compare the ratios within one run.
+Beside each time, its CPU seconds (user + sys of the command itself), which depend less on
+what else the machine runs. Peak RSS is each child's, from the kernel (target <= 1.5 GB).
+The machine's load (`/proc/loadavg`) is printed beside the figures: compare the ratios
+within one run.
 
     python bench/convert.py [--workdir DIR] [--layers N] [--keep]
 """
@@ -38,24 +40,27 @@ CHILD = """
 import resource, sys, time
 sys.path.insert(0, {repo!r})
 {imports}
+u = resource.getrusage(resource.RUSAGE_SELF)
 t = time.perf_counter()
 {body}
-print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+r = resource.getrusage(resource.RUSAGE_SELF)
+cpu = r.ru_utime + r.ru_stime - u.ru_utime - u.ru_stime
+print(time.perf_counter() - t, cpu, r.ru_maxrss)
 """
 
 
-def run_child(body: str, imports: str = "") -> tuple[float, float]:
-    """Run `body` in a fresh interpreter; return (seconds, peak RSS in MB)."""
+def run_child(body: str, imports: str = "") -> tuple[float, float, float]:
+    """Run `body` in a fresh interpreter; return (seconds, CPU seconds, peak RSS in MB)."""
     code = CHILD.format(repo=str(REPO), imports=imports, body=body)
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout.split()
-    return float(out[-2]), float(out[-1]) / 1024
+    return float(out[-3]), float(out[-2]), float(out[-1]) / 1024
 
 
-def run_command(cmd: list[str]) -> tuple[float, float]:
-    """Run `cmd` and then `sync` as a user would; (seconds from start to exit, peak RSS MB
-    of the command)."""
+def run_command(cmd: list[str]) -> tuple[float, float, float]:
+    """Run `cmd` and then `sync` as a user would; (seconds from start to exit, CPU seconds
+    (user + sys) of the command, peak RSS MB of the command)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -64,7 +69,8 @@ def run_command(cmd: list[str]) -> tuple[float, float]:
         raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
     proc.stderr.close()
     subprocess.run(["sync"], check=True)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    cpu = usage.ru_utime + usage.ru_stime
+    return time.perf_counter() - start, cpu, usage.ru_maxrss / 1024
 
 
 def make_checkpoint(out: Path, num_layers: int | None) -> int:
@@ -122,28 +128,28 @@ def main() -> None:
         print(f"synthetic llm-jp-3-1.8b-shaped checkpoint ({layers}): {nbytes / 1e9:.2f} GB bf16")
         load_before = Path("/proc/loadavg").read_text().split()[:3]
         # Whole commands, as a user times them.
-        cp_cmd_s, cp_cmd_rss = run_command(["cp", "-r", str(hf), str(copy)])
+        cp_cmd_s, cp_cmd_cpu, cp_cmd_rss = run_command(["cp", "-r", str(hf), str(copy)])
         shutil.rmtree(copy)
         tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
-        to_mc_cmd_s, to_mc_cmd_rss = run_command(
+        to_mc_cmd_s, to_mc_cmd_cpu, to_mc_cmd_rss = run_command(
             [*tool, "hf-to-mcore", "--hf-dir", str(hf), "--out", str(mc)]
         )
-        to_hf_cmd_s, to_hf_cmd_rss = run_command(
+        to_hf_cmd_s, to_hf_cmd_cpu, to_hf_cmd_rss = run_command(
             [*tool, "mcore-to-hf", "--mcore-dir", str(mc), "--out", str(back)]
         )
         shutil.rmtree(mc)
         back.rename(work / "hf_back_cmd")  # compared at the end: the parent stays small
         # The work alone, after imports.
-        copy_s, copy_rss = run_child(
+        copy_s, copy_cpu, copy_rss = run_child(
             f"shutil.copytree({str(hf)!r}, {str(copy)!r})", imports="import shutil"
         )
         shutil.rmtree(copy)
         imports = "from megatron_kaja.checkpoint.convert import hf_to_mcore, mcore_to_hf"
-        _, import_rss = run_child("pass", imports=imports)
-        to_mc_s, to_mc_rss = run_child(
+        _, _, import_rss = run_child("pass", imports=imports)
+        to_mc_s, to_mc_cpu, to_mc_rss = run_child(
             f"hf_to_mcore({str(hf)!r}, {str(mc)!r}, progress=False)", imports=imports
         )
-        to_hf_s, to_hf_rss = run_child(
+        to_hf_s, to_hf_cpu, to_hf_rss = run_child(
             f"mcore_to_hf({str(mc)!r}, {str(back)!r}, progress=False)", imports=imports
         )
         same_cmd = _same_tensors(hf, work / "hf_back_cmd")
@@ -151,17 +157,19 @@ def main() -> None:
         load_after = Path("/proc/loadavg").read_text().split()[:3]
         print(f"load average before / after: {' '.join(load_before)} / {' '.join(load_after)}")
         print(f"converter imports alone (work-only children): peak RSS {import_rss:.0f} MB")
-        print(f"{'step':<30}{'seconds':>9}{'x copy':>8}{'peak RSS MB':>13}")
+        # CPU seconds (user + sys, the command's own, `sync` not included) depend less on
+        # what else the machine runs than wall seconds do.
+        print(f"{'step':<30}{'seconds':>9}{'x copy':>8}{'CPU s':>8}{'peak RSS MB':>13}")
         rows = [
-            ("whole: cp -r + sync", cp_cmd_s, cp_cmd_s, cp_cmd_rss),
-            ("whole: hf-to-mcore + sync", to_mc_cmd_s, cp_cmd_s, to_mc_cmd_rss),
-            ("whole: mcore-to-hf + sync", to_hf_cmd_s, cp_cmd_s, to_hf_cmd_rss),
-            ("work: copytree", copy_s, copy_s, copy_rss),
-            ("work: hf -> torch_dist", to_mc_s, copy_s, to_mc_rss),
-            ("work: torch_dist -> hf", to_hf_s, copy_s, to_hf_rss),
+            ("whole: cp -r + sync", cp_cmd_s, cp_cmd_s, cp_cmd_cpu, cp_cmd_rss),
+            ("whole: hf-to-mcore + sync", to_mc_cmd_s, cp_cmd_s, to_mc_cmd_cpu, to_mc_cmd_rss),
+            ("whole: mcore-to-hf + sync", to_hf_cmd_s, cp_cmd_s, to_hf_cmd_cpu, to_hf_cmd_rss),
+            ("work: copytree", copy_s, copy_s, copy_cpu, copy_rss),
+            ("work: hf -> torch_dist", to_mc_s, copy_s, to_mc_cpu, to_mc_rss),
+            ("work: torch_dist -> hf", to_hf_s, copy_s, to_hf_cpu, to_hf_rss),
         ]
-        for name, secs, base, rss in rows:
-            print(f"{name:<30}{secs:>9.2f}{secs / base:>8.2f}{rss:>13.0f}")
+        for name, secs, base, cpu, rss in rows:
+            print(f"{name:<30}{secs:>9.2f}{secs / base:>8.2f}{cpu:>8.2f}{rss:>13.0f}")
         print(f"round trips bitwise equal: whole commands {same_cmd}, work only {same}")
         worst = max(to_mc_cmd_s, to_hf_cmd_s) / cp_cmd_s
         peak = max(to_mc_cmd_rss, to_hf_cmd_rss, to_mc_rss, to_hf_rss)

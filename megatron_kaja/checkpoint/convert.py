@@ -3,7 +3,9 @@
 Conversion never builds the model: it maps tensors with the declarative key map in
 `megatron_kaja.models.llama.state_dict`. Everything is validated before anything is written,
 and output goes to a temporary folder beside the destination that is renamed at the end,
-so a killed conversion leaves nothing at the destination.
+so a killed conversion leaves nothing at the destination. When the dtype does not change, no
+tensor is built at all: each tensor's bytes are copied file to file by the kernel, in the
+order the key map puts them (`byte_copy`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.byte_copy import ByteSource, row_sources
 from megatron_kaja.checkpoint.hf import HFCheckpointReader, write_hf_metadata
 from megatron_kaja.checkpoint.layout import (
     CheckpointLocation,
@@ -53,6 +56,7 @@ from megatron_kaja.models.llama.state_dict import (
     LAYER_MAPPINGS,
     OUTPUT_LAYER,
     TensorMapping,
+    dist_key,
     hf_keys,
     hf_shapes,
 )
@@ -151,6 +155,17 @@ def hf_to_mcore(
             bar.update()
         return mapping.global_from_hf(arch, hf, padded).to(out_dtype)
 
+    def global_sources(mapping: TensorMapping, layer: int | None) -> list[ByteSource] | None:
+        stored = [reader.stored(k) for k in hf_keys(mapping, layer)]
+        if any(s.dtype != out_dtype for s in stored):
+            return None
+        plans = row_sources(lambda ts: mapping.global_from_hf(arch, ts, padded), stored)
+        if plans is None:
+            return None
+        if mapping in (LAYER_MAPPINGS[-1], EMBEDDING, FINAL_NORM, OUTPUT_LAYER):
+            bar.update()
+        return plans[0]
+
     meta = McoreCheckpointMeta(
         format=fmt,
         arch=arch.to_dict(),
@@ -180,6 +195,7 @@ def hf_to_mcore(
                 global_tensor,
                 transformer_impl,
                 common=megatron_lm_common_state(args),
+                global_sources=global_sources,
             )
             write_tracker(tmp, 0)
         else:
@@ -306,21 +322,45 @@ def mcore_to_hf(
     arch = reader.arch
     out_dtype = DTYPES[dtype] if dtype else reader.stored_dtype()
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    def as_sources(mapping: TensorMapping, layer: int | None):
+        """`mapping`'s HF tensors as byte ranges of the checkpoint's files, or None."""
+        if not isinstance(reader, TorchDistReader) or reader.dtypes[dist_key(mapping)] != out_dtype:
+            return None
+        stored = reader.stored_tensor(mapping, layer)
+        if stored is None:
+            return None
+        plans = row_sources(lambda ts: mapping.hf_from_global(arch, ts[0]), [stored])
+        if plans is None:
+            return None
+        return dict(zip(hf_keys(mapping, layer), plans, strict=True))
+
+    def global_as_hf(mapping: TensorMapping):
+        sources = as_sources(mapping, None)
+        if sources is not None:
+            return sources.items()
+        key, tensor = mcore_global_as_hf(reader, mapping)
+        return [(key, tensor.to(out_dtype))]
+
+    def layer_as_hf(layer: int):
+        plans = {m: as_sources(m, layer) for m in LAYER_MAPPINGS}
+        if all(p is not None for p in plans.values()):
+            return [item for p in plans.values() for item in p.items()]
+        return [(k, t.to(out_dtype)) for k, t in mcore_layer_as_hf(reader, layer).items()]
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor | list[ByteSource]]]:
         with tqdm(
             total=arch.num_layers + 2, desc="mcore -> hf", unit="layer", disable=not progress
         ) as bar:
-            yield mcore_global_as_hf(reader, EMBEDDING)
+            yield from global_as_hf(EMBEDDING)
             bar.update()
             for layer in range(arch.num_layers):
-                yield from mcore_layer_as_hf(reader, layer).items()
+                yield from layer_as_hf(layer)
                 bar.update()
-            yield mcore_global_as_hf(reader, FINAL_NORM)
-            yield mcore_global_as_hf(reader, OUTPUT_LAYER)
+            yield from global_as_hf(FINAL_NORM)
+            yield from global_as_hf(OUTPUT_LAYER)
             bar.update()
 
-    cast = ((key, tensor.to(out_dtype)) for key, tensor in tensors())
     with atomic_output_dir(out) as tmp:
-        write_safetensors_streaming(tmp, hf_tensor_plan(arch, out_dtype), cast, max_shard_size)
+        write_safetensors_streaming(tmp, hf_tensor_plan(arch, out_dtype), tensors(), max_shard_size)
         write_hf_metadata(tmp, arch, dtype_name(out_dtype), template)
     return Path(out)

@@ -31,6 +31,12 @@ from pathlib import Path
 import torch
 
 from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.byte_copy import (
+    ByteSource,
+    StoredTensor,
+    copy_sources,
+    start_writeback,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -189,6 +195,17 @@ class SafetensorsFolder:
     def dtype(self, key: str) -> torch.dtype:
         return DTYPES_BY_CODE[self._entry(key)["dtype"]]
 
+    def stored(self, key: str) -> StoredTensor:
+        """Where `key`'s raw bytes lie (for file-to-file copies)."""
+        entry = self._entry(key)
+        file = self._file_of[key]
+        return StoredTensor(
+            self.path / file,
+            self._data_start[file] + entry["data_offsets"][0],
+            tuple(entry["shape"]),
+            DTYPES_BY_CODE[entry["dtype"]],
+        )
+
     def get(self, key: str) -> torch.Tensor:
         """A fresh tensor holding `key` (the caller owns it)."""
         entry = self._entry(key)
@@ -283,22 +300,36 @@ class ShardedSafetensorsWriter:
         self._file.write(_header_bytes(self.shards[index]))
         self._open_shard = index
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; its name, shape and dtype must match the plan."""
+    def _next_spec(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
         if self._next == len(self._queue):
             raise ValueError(f"writer expected no more tensors, got {name}")
         shard, spec = self._queue[self._next]
-        if (name, tuple(tensor.shape), tensor.dtype) != (spec.name, spec.shape, spec.dtype):
+        if (name, shape, dtype) != (spec.name, spec.shape, spec.dtype):
             raise ValueError(
-                f"writer expected {spec.name} {spec.shape} {spec.dtype}, "
-                f"got {name} {tuple(tensor.shape)} {tensor.dtype}"
+                f"writer expected {spec.name} {spec.shape} {spec.dtype}, got {name} {shape} {dtype}"
             )
         if shard != self._open_shard:
             self._start_shard(shard)
+        self._next += 1
+        return spec
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; its name, shape and dtype must match the plan."""
+        self._next_spec(name, tuple(tensor.shape), tensor.dtype)
         # A flat byte view of the tensor: no copy for contiguous tensors (bf16 included).
         data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
-        self._next += 1
+
+    def write_sources(self, name: str, spec_like: TensorSpec, sources: list[ByteSource]) -> None:
+        """Append the next tensor as byte ranges of other files, copied file to file by the
+        kernel (see `byte_copy`); `spec_like` gives its shape and dtype."""
+        spec = self._next_spec(name, spec_like.shape, spec_like.dtype)
+        if sum(s.length for s in sources) != spec.nbytes:
+            raise ValueError(f"{name}: byte sources do not add up to {spec.nbytes} bytes")
+        self._file.flush()
+        at = self._file.tell()
+        start_writeback(self._file.fileno(), at, copy_sources(self._file.fileno(), at, sources))
+        self._file.seek(at + spec.nbytes)
 
     def close(self) -> dict[str, str]:
         """Finish the last shard and write the index; all tensors must have been written.
@@ -322,12 +353,19 @@ class ShardedSafetensorsWriter:
 def write_safetensors_streaming(
     out_dir: Path,
     specs: list[TensorSpec],
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | list[ByteSource]]],
     max_shard_size: str | int = "5GB",
 ) -> dict[str, str]:
     """Write `tensors` (yielded in `specs` order, each dropped once written) as sharded
-    safetensors plus the index. Returns the weight map."""
+    safetensors plus the index. A tensor may come as a list of byte ranges of other files
+    instead (copied by the kernel). Returns the weight map."""
     writer = ShardedSafetensorsWriter(out_dir, specs, max_shard_size)
+    by_name = {spec.name: spec for spec in specs}
     for name, tensor in tensors:
-        writer.write(name, tensor)
+        if isinstance(tensor, torch.Tensor):
+            writer.write(name, tensor)
+        else:
+            if name not in by_name:
+                raise ValueError(f"writer expected no tensor named {name}")
+            writer.write_sources(name, by_name[name], tensor)
     return writer.close()

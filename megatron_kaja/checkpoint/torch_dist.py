@@ -7,21 +7,30 @@ sharded keys: global, TP-unsplit tensors, with decoder layers stacked on a leadi
 `megatron.core.dist_checkpointing.load`.
 
 Writing plans the DCP items from shapes alone, exactly as megatron-core's torch_dist
-strategy would lay out this model's sharded state dict, and builds each layer's tensor only
-when DCP's single-threaded writer asks for it, so the whole model is never in memory.
-Reading loads one layer's regions at a time through DCP, with the metadata read by the
-restricted unpickler of `safe_load`.
+strategy would lay out this model's sharded state dict; DCP writes the archives with their
+data bytes skipped, and each tensor's bytes are then filled in, copied file to file from the
+source (`byte_copy`) or from one tensor built at a time, so the whole model is never in
+memory. Reading loads one layer's regions at a time through DCP, with the metadata read by
+the restricted unpickler of `safe_load`, or hands out where a stored chunk's bytes lie.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from megatron_kaja.checkpoint import CheckpointError
+from megatron_kaja.checkpoint.byte_copy import (
+    ByteSource,
+    StoredTensor,
+    copy_sources,
+    start_writeback,
+    torch_save_data_offset,
+)
 from megatron_kaja.checkpoint.safe_load import (
     check_data_files,
     load_dcp_metadata,
@@ -39,6 +48,8 @@ from megatron_kaja.models.llama.state_dict import (
 
 # (mapping, layer or None) -> the global tensor, in the dtype to store
 GlobalTensorFn = Callable[[TensorMapping, "int | None"], torch.Tensor]
+# (mapping, layer or None) -> the global tensor's bytes as ranges of source files, or None
+GlobalSourcesFn = Callable[[TensorMapping, "int | None"], "list[ByteSource] | None"]
 
 
 # megatron-core's metadata.json for a torch_dist checkpoint (dist_checkpointing.core.save_config)
@@ -105,6 +116,7 @@ def write_torch_dist(
     global_tensor: GlobalTensorFn,
     transformer_impl: str = "local",
     common: dict | None = None,
+    global_sources: GlobalSourcesFn | None = None,
 ) -> None:
     """Write a torch_dist checkpoint whose tensors come from `global_tensor`, one at a time.
 
@@ -112,6 +124,13 @@ def write_torch_dist(
     both cost seconds before the first byte moves); what it writes is what megatron-core
     writes for this model, which the tests check by loading it with
     `megatron.core.dist_checkpointing.load`.
+
+    DCP writes each tensor as a `torch.save` archive; it is asked to leave each archive's
+    data bytes as a hole (`torch.serialization.skip_data`), which are then filled in place:
+    by a kernel file-to-file copy where `global_sources` gives the tensor as byte ranges of
+    the source files, else with the bytes of `global_tensor`'s result. So no tensor is
+    built (or checksummed) only to be copied, and the archives are what `torch.save` writes
+    (their data records carry no CRC, which `torch.load` does not check).
     """
     import io
 
@@ -122,8 +141,9 @@ def write_torch_dist(
     by_key = {dist_key(m): m for m in (*GLOBAL_MAPPINGS, *LAYER_MAPPINGS)}
     items = _write_plan(arch, padded_vocab, dtype, transformer_impl)
 
-    class LazyGlobalTensorPlanner(DefaultSavePlanner):
-        """Plans from shapes alone; builds each tensor when the writer reaches it."""
+    class PlaceholderPlanner(DefaultSavePlanner):
+        """Plans from shapes alone; hands DCP untouched tensors (no page is ever written:
+        their bytes are skipped, then filled in below)."""
 
         def create_local_plan(self) -> SavePlan:
             self.plan = SavePlan(items)
@@ -135,25 +155,89 @@ def write_torch_dist(
                 # megatron-core stores a list of the objects' data; the local spec's is None
                 torch.save([None], buffer)
                 return buffer
-            mapping = by_key[write_item.index.fqn]
-            layer = write_item.index.offset[0] if mapping in LAYER_MAPPINGS else None
+            return torch.empty(write_item.tensor_data.chunk.sizes, dtype=dtype)
+
+    class SeekableItemStream(io.RawIOBase):
+        """DCP's per-item stream without extensions, but seekable: `skip_data` leaves a
+        tensor's bytes as a hole by seeking past them (DCP's own wrapper cannot seek)."""
+
+        def __init__(self, raw):
+            super().__init__()
+            self.raw = raw
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            return self.raw.write(b)
+
+        def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+            return self.raw.seek(pos, whence)
+
+        def tell(self) -> int:
+            return self.raw.tell()
+
+        def close(self) -> None:
+            self.raw.flush()  # the file itself stays open for the next item
+
+    class NoExtensions:
+        def transform_save_stream(self, write_item, raw_stream):
+            return SeekableItemStream(raw_stream), []
+
+    writer = dcp.FileSystemWriter(out_dir, thread_count=1, single_file_per_rank=True)
+    if not hasattr(writer, "transforms"):
+        raise RuntimeError("this torch's FileSystemWriter has no item stream transforms")
+    writer.transforms = NoExtensions()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.serialization.skip_data():
+        metadata = dcp.save(
+            {},
+            storage_writer=writer,
+            planner=PlaceholderPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+            no_dist=True,
+        )
+    _fill_tensor_data(out_dir, metadata, by_key, dtype, global_tensor, global_sources)
+    torch.save(common or {}, out_dir / "common.pt")
+    (out_dir / "metadata.json").write_text(json.dumps(TORCH_DIST_CONFIG), encoding="utf-8")
+
+
+def _fill_tensor_data(out_dir, metadata, by_key, dtype, global_tensor, global_sources) -> None:
+    """Fill each tensor archive's skipped data bytes, in file order (so the sources are read
+    front to back), then fsync each data file once."""
+    items = sorted(
+        (info.relative_path, info.offset, info.length, index)
+        for index, info in metadata.storage_data.items()
+        if index.fqn in by_key
+    )
+    fds: dict[str, int] = {}
+    try:
+        for name, offset, length, index in items:
+            if name not in fds:
+                fds[name] = os.open(out_dir / name, os.O_WRONLY)
+            mapping = by_key[index.fqn]
+            layer = index.offset[0] if mapping in LAYER_MAPPINGS else None
+            data_at, placeholder = torch_save_data_offset(out_dir / name, offset, length)
+            sources = global_sources(mapping, layer) if global_sources is not None else None
+            if sources is not None and sum(s.length for s in sources) == placeholder.nbytes:
+                start_writeback(fds[name], data_at, copy_sources(fds[name], data_at, sources))
+                continue
             tensor = global_tensor(mapping, layer)
             if mapping in LAYER_MAPPINGS:
                 tensor = tensor.unsqueeze(0)
-            expected = tuple(write_item.tensor_data.chunk.sizes)
-            if tuple(tensor.shape) != expected:
-                raise RuntimeError(f"{mapping.te}: built {tuple(tensor.shape)}, planned {expected}")
-            return tensor.to(dtype).contiguous()
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dcp.save(
-        {},
-        storage_writer=dcp.FileSystemWriter(out_dir, thread_count=1, single_file_per_rank=True),
-        planner=LazyGlobalTensorPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-        no_dist=True,
-    )
-    torch.save(common or {}, out_dir / "common.pt")
-    (out_dir / "metadata.json").write_text(json.dumps(TORCH_DIST_CONFIG), encoding="utf-8")
+            if tensor.shape != placeholder.shape:
+                raise RuntimeError(
+                    f"{mapping.te}: built {tuple(tensor.shape)}, planned {tuple(placeholder.shape)}"
+                )
+            data = tensor.to(dtype).contiguous().view(-1).view(torch.uint8).numpy()
+            view, done = memoryview(data), 0
+            while done < len(view):
+                done += os.pwrite(fds[name], view[done:], data_at + done)
+            start_writeback(fds[name], data_at, done)
+        for fd in fds.values():
+            os.fsync(fd)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 class TorchDistReader:
@@ -238,6 +322,39 @@ class TorchDistReader:
         key = dist_key(mapping)
         shape = self.shapes[key]
         return self._load_regions({key: ((0,) * len(shape), shape)})[key]
+
+    def stored_tensor(self, mapping: TensorMapping, layer: int | None = None):
+        """Where the global tensor of `mapping` (one layer's, for a layer tensor) lies as raw
+        bytes, when the checkpoint stores it as exactly one contiguous chunk (as this
+        project and megatron-core at TP=1 write it); None otherwise (read it with
+        `load_global` / `load_layer`)."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        key = dist_key(mapping)
+        shape = self.shapes[key]
+        if layer is None:
+            offsets, sizes = (0,) * len(shape), shape
+        else:
+            offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:])
+        chunks = self._metadata.state_dict_metadata[key].chunks
+        if not any(tuple(c.offsets) == offsets and tuple(c.sizes) == sizes for c in chunks):
+            return None
+        info = self._metadata.storage_data.get(MetadataIndex(key, torch.Size(offsets)))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        path = self.dir / info.relative_path
+        data_at, tensor = torch_save_data_offset(path, info.offset, info.length)
+        if (
+            tuple(tensor.shape) != sizes
+            or tensor.dtype != self.dtypes[key]
+            or not tensor.is_contiguous()
+            or tensor.storage_offset() != 0
+            or tensor.untyped_storage().nbytes() != tensor.nbytes
+        ):
+            return None
+        return StoredTensor(
+            path, data_at, tuple(sizes[1:] if layer is not None else sizes), tensor.dtype
+        )
 
     def stored_dtype(self) -> torch.dtype:
         return self.dtypes[dist_key(LAYER_MAPPINGS[0])]
