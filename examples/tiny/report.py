@@ -8,8 +8,9 @@ the ones `megatron_kaja.eval.compare_runs` wrote (eval/compare/compare.json).
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
+
+from demo_tasks import agreement_by_kind
 
 from megatron_kaja.eval.metrics import metric_info as eval_metric_info
 from megatron_kaja.eval.report import atomic_write_text
@@ -197,13 +198,10 @@ def write_demo_report(
         "(choice mode, expected score) and by the rubric's own rules. Agreement = the judge's "
         "score within 0.5 of the rubric's (higher is better).",
         "",
-        "| rubric | agree / answers | mean abs. error (score points, lower is better) |",
+        "| rubric (axis) | agree / answers | mean abs. error (score points, lower is better) |",
         "|---|---|---|",
     ]
-    by_rubric = defaultdict(list)
-    for row in agreement:
-        by_rubric[row["rubric"]].append(row)
-    for name, rows in by_rubric.items():
+    for name, rows in agreement_by_kind(agreement).items():
         errors = [
             abs(r["judge_score"] - r["rubric_score"]) for r in rows if r["judge_score"] is not None
         ]

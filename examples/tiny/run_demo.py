@@ -23,6 +23,8 @@ demo's few answer forms, so its scores mean what the rubric says only on answers
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -118,7 +120,35 @@ class Demo:
         )  # fmt: skip
 
     def tool(self, name: str, script: str, *args: str) -> None:
-        self.run(name, sys.executable, str(REPO / script), *args)
+        """Run `script`'s `main(argv)` in this process, as `python script args` would, its
+        output in logs/NAME.log. One process for all the single-process tools: each new
+        Python process pays again for importing torch, transformers and megatron-core
+        (several CPU seconds each, far more on a loaded machine)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        start = time.perf_counter()
+        path = REPO / script
+        module_name = "demo_tool_" + path.stem
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        with (
+            open(log, "w", encoding="utf-8") as f,
+            contextlib.redirect_stdout(f),
+            contextlib.redirect_stderr(f),
+        ):
+            try:
+                code = module.main(list(args))
+            except SystemExit as exit_:  # argparse errors and the tools' clean exits
+                code = exit_.code
+        if code not in (0, None):
+            print(log.read_text(encoding="utf-8")[-6000:], file=sys.stderr)
+            raise SystemExit(f"stage {name} failed ({code}); log: {log}")
+        took = time.perf_counter() - start
+        print(f"  done {name} in {took:.0f}s (log {log.relative_to(self.out)})", flush=True)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -184,7 +214,7 @@ def main() -> int:
     demo = Demo(out, args.fast, stages=9)
     # A short SFT leaves GRPO room to improve; the judge needs its steps even in --fast (with
     # fewer its scores hardly tell the answer forms apart and GRPO's reward stays flat).
-    steps = {"judge": 250, "sft": 15, "grpo": 10} if args.fast else {
+    steps = {"judge": 150, "sft": 15, "grpo": 10} if args.fast else {
         "judge": 250, "sft": 20, "grpo": 20}  # fmt: skip
     models, runs, data = out / "models", out / "runs", out / "data"
     base, tok_dir = models / "base_hf", models / "tokenizer"
@@ -204,13 +234,16 @@ def main() -> int:
 
     demo.stage(2, "teacher-judge", f"SFT a copy of the model on teacher + judge tasks "
                f"({steps['judge']} steps)")  # fmt: skip
-    train_cases = demo_tasks.judge_cases(tokenizer, seed=0)
+    # Four answers of each form per training question: the judge learns what makes a form
+    # (a refusal, a reason, trailing fragments, noise), not one noise string per question.
+    train_cases = demo_tasks.judge_cases(tokenizer, seed=0, variants=4)
     held_out = demo_tasks.judge_cases(tokenizer, seed=1, held_out=True)
     teacher_rows = demo_tasks.teacher_rows()
     tj_data = data / "teacher_judge_sft.jsonl"
-    # The teacher rows are few; repeat them so that both jobs are learned in one run.
-    demo_tasks.write_jsonl(tj_data, teacher_rows * 4 + demo_tasks.judge_rows(train_cases))
-    print(f"  {len(teacher_rows)} teacher rows (x4), {len(train_cases)} judge rows "
+    # The teacher rows are few; repeat them so that both jobs are learned in one run (with
+    # fewer repeats the teacher writes the same new question for several seeds).
+    demo_tasks.write_jsonl(tj_data, teacher_rows * 8 + demo_tasks.judge_rows(train_cases))
+    print(f"  {len(teacher_rows)} teacher rows (x8), {len(train_cases)} judge rows "
           f"({tj_data.relative_to(out)})")  # fmt: skip
     mc_base = models / "base_mcore"
     demo.tool("convert_base", "tools/convert_checkpoint.py", "hf-to-mcore", "--hf-dir", str(base),
@@ -219,9 +252,12 @@ def main() -> int:
     demo.torchrun(
         "teacher_judge_sft", "pretrain_sft.py", 2,
         "--load", str(mc_base), "--tokenizer", str(tok_dir), "--train-data", str(tj_data),
-        "--seq-length", "256", "--micro-batch-size", "8", "--global-batch-size", "16",
+        # DP=2 (TP=1): at hidden 64 a TP all-reduce in every layer costs more than its
+        # compute; data parallelism exchanges gradients once per step. Rows of 512 tokens
+        # hold about three rubric prompts each.
+        "--seq-length", "512", "--micro-batch-size", "4", "--global-batch-size", "16",
         "--train-iters", str(steps["judge"]), "--lr", "3e-3", "--min-lr", "3e-4",
-        "--lr-warmup-iters", "10", "--tensor-model-parallel-size", "2",
+        "--lr-warmup-iters", "10", "--tensor-model-parallel-size", "1",
         "--save", str(tj_run), "--data-cache-dir", str(out / "cache"),
         progress=(tj_run / "metrics.jsonl", steps["judge"], "loss"),
     )  # fmt: skip
@@ -238,10 +274,8 @@ def main() -> int:
     print(f"  judge: {JUDGE_WHAT}")
     print(f"  judge vs the rubric on {len(agreement)} held-out answers (questions it never saw): "
           f"{agreed} of {len(agreement)} within 0.5 of the rubric's score")  # fmt: skip
-    by_rubric: dict[str, list[bool]] = {}
-    for row in agreement:
-        by_rubric.setdefault(row["rubric"], []).append(row["agrees"])
-    print("    " + ", ".join(f"{name} {sum(v)}/{len(v)}" for name, v in by_rubric.items()))
+    for kind, rows in demo_tasks.agreement_by_kind(agreement).items():
+        print(f"    {kind:<22} {sum(r['agrees'] for r in rows):>2}/{len(rows)}")
 
     demo.stage(3, "synthetic data", "the seed's Q:/A: prompts, the tiny teacher (hf backend)")
     synth = data / "synthetic.jsonl"
@@ -288,7 +322,7 @@ def main() -> int:
         # agreement table); the seed adds helpfulness prompts under grpo_helpful.
         "--prompts", f"{DATA / 'seeds_safety.jsonl'}:safety",
         "--reward", "judge", "--judge-backend", "hf", "--judge-model", str(judge_hf),
-        "--num-generations", "8", "--max-new-tokens", "32", "--num-iterations", "2",
+        "--num-generations", "8", "--max-new-tokens", "24", "--num-iterations", "2",
         "--micro-batch-size", "16", "--global-batch-size", "48",
         "--train-iters", str(steps["grpo"]), "--lr", "1e-3", "--lr-decay-style", "constant",
         "--tensor-model-parallel-size", "2", "--save", str(grpo),
