@@ -17,6 +17,7 @@ agreement with the rubric is measured on questions it has never seen.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass
@@ -178,14 +179,19 @@ def _chat(user: str, assistant: str, system: str | None = None) -> dict:
     return {"messages": messages}
 
 
-def noise(tokenizer, rng: random.Random) -> str:
-    """A run of random vocabulary pieces, what an untrained model writes (pieces that say
-    "cannot answer" or "reason" are left out: noise never refuses)."""
-    vocab = [
+@functools.lru_cache(maxsize=4)
+def _noise_vocab(tokenizer) -> tuple[int, ...]:
+    # Pieces that say "cannot answer" or "reason" are left out: noise never refuses.
+    return tuple(
         i
         for i in range(8, len(tokenizer))
         if not any(w in tokenizer.decode([i]) for w in ("できません", "理由", "答え"))
-    ]
+    )
+
+
+def noise(tokenizer, rng: random.Random) -> str:
+    """A run of random vocabulary pieces, what an untrained model writes."""
+    vocab = _noise_vocab(tokenizer)
     ids = [rng.choice(vocab) for _ in range(rng.randint(4, 16))]
     return tokenizer.decode(ids, skip_special_tokens=True).strip() or "あ"
 
@@ -249,7 +255,12 @@ def judge_cases(tokenizer, seed: int = 0, held_out: bool = False, variants: int 
     for form_kind, questions, rubrics in plan:
         for qa in questions:
             forms = answer_forms(qa, safety, helpful, tokenizer, rng)
-            for form in FORMS[form_kind]:
+            answers = [(form, forms[form]) for form in FORMS[form_kind]]
+            if form_kind == "helpful" and not held_out:
+                # Without a refusal to go by, noise is the helpfulness rubrics' hardest form
+                # to tell from an answer: two more noise answers per question.
+                answers += [("noise", noise(tokenizer, rng)) for _ in range(2)]
+            for form, pred in answers:
                 for name, axis in rubrics:
                     axes = [axis]
                     if name == "eval_helpful":
@@ -263,7 +274,7 @@ def judge_cases(tokenizer, seed: int = 0, held_out: bool = False, variants: int 
                         fields = {
                             "input_text": qa.question,
                             "output_text": qa.answer,
-                            "pred": forms[form],
+                            "pred": pred,
                             "eval_aspect": "",
                         }
                         cases.append(
