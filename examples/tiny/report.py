@@ -8,6 +8,7 @@ the ones `megatron_kaja.eval.compare_runs` wrote (eval/compare/compare.json).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from demo_tasks import agreement_by_kind
@@ -183,7 +184,8 @@ def write_demo_report(
         "## Time per stage",
         "",
         "Wall seconds depend on the machine's load; CPU seconds (user + system, all of the "
-        "stage's processes) much less.",
+        "stage's processes) much less. Load average (1, 5, 15 min) when the report was "
+        f"written: {', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
         "",
         "| stage | wall s | CPU s |",
         "|---|---|---|",
