@@ -79,6 +79,8 @@ def plot_grpo(steps: list[dict], path: Path) -> None:
     left.legend(loc="lower right")
     right.plot(it, [m["kl"] for m in steps], marker="o", color="tab:red", label="KL to SFT model")
     right.set_xlabel("GRPO step")
+    for ax in (left, right):  # steps are whole numbers
+        ax.xaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel("KL (nats/token) - lower stays closer to SFT", color="tab:red")
     right.grid(alpha=0.3)
     twin = right.twinx()
