@@ -3,9 +3,10 @@
 
     python examples/tiny/run_demo.py [--out runs/demo] [--fast]
 
-Stages (each runs the project's real entry point, as a user would):
+Stages (each runs the project's real entry point with a user's arguments: the trainers
+under torchrun, the tools' main() in this process):
   1. a tiny llm-jp-3-shaped tokenizer and a random "instruct" model (the model to tune)
-  2. a tiny teacher-judge: pretrain_sft.py teaches a copy of the model the seed's teacher
+  2. a tiny teacher-judge: pretrain_sft.py (DP=2) teaches a copy of the model the seed's teacher
      prompts (-> Q: / A:) and the project's judge rubrics (-> the rubric's score); its
      agreement with the rubric is measured on held-out questions through the judge code
   3. synthetic SFT data: tools/generate_sft_data.py with that teacher
@@ -28,6 +29,7 @@ import importlib.util
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -146,6 +148,7 @@ class Demo:
             contextlib.redirect_stdout(f),
             contextlib.redirect_stderr(f),
         ):
+            print("$ python", script, *map(shlex.quote, args), end="\n\n", flush=True)
             try:
                 code = module.main(list(args))
             except SystemExit as exit_:  # argparse errors and the tools' clean exits
