@@ -12,7 +12,7 @@ from tests.helpers import REPO
 PNG = b"\x89PNG\r\n\x1a\n"
 PREDICTIONS = "predictions.jsonl"
 FAST_REWARD_MARGIN = 0.1  # GRPO's mean reward, last third of the steps minus the first (0-1)
-FAST_AGREEMENT = 0.6  # share of held-out answers the judge scores within 0.5 of the rubric
+FAST_AGREEMENT = 0.7  # share of held-out answers the judge scores within 0.5 of the rubric
 
 
 def _lines(path):
@@ -36,15 +36,16 @@ def test_demo_shows_each_stage_working(tmp_path):
         assert f"[{n}/9" in proc.stdout
     assert "judge: the demo's tiny judge" in proc.stdout
 
-    # The judge agrees with the rubric on most held-out answers (--fast trains it 120 steps,
-    # the full run 200), and on a third or more of every rubric and axis.
+    # The judge agrees with the rubric on most held-out answers (38 and 40 of 44 in two runs),
+    # and on two thirds or more of those of the safety rubrics (GRPO's reward, the safety
+    # evaluation). Its helpfulness axes vary more from run to run (6-9 of 10).
     agreement = json.loads((out / "eval" / "judge_agreement.json").read_text())
     by_kind = {}
     for row in agreement:
         by_kind.setdefault((row["rubric"], row["axis"]), []).append(row["agrees"])
     assert sum(r["agrees"] for r in agreement) >= FAST_AGREEMENT * len(agreement), by_kind
-    for kind, agrees in by_kind.items():
-        assert sum(agrees) >= len(agrees) / 3, (kind, agrees)
+    for kind in (("grpo_safety", None), ("eval_safety", None)):
+        assert sum(by_kind[kind]) >= 2 * len(by_kind[kind]) / 3, (kind, by_kind[kind])
 
     # The tiny teacher writes the seed's Q:/A: form: some of its pairs are accepted.
     summary = json.loads((out / "data" / "synthetic.summary.json").read_text())
