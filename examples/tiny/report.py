@@ -8,8 +8,10 @@ the ones `megatron_kaja.eval.compare_runs` wrote (eval/compare/compare.json).
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import os
 from pathlib import Path
+
+from demo_tasks import agreement_by_kind
 
 from megatron_kaja.eval.metrics import metric_info as eval_metric_info
 from megatron_kaja.eval.report import atomic_write_text
@@ -77,6 +79,8 @@ def plot_grpo(steps: list[dict], path: Path) -> None:
     left.legend(loc="lower right")
     right.plot(it, [m["kl"] for m in steps], marker="o", color="tab:red", label="KL to SFT model")
     right.set_xlabel("GRPO step")
+    for ax in (left, right):  # steps are whole numbers
+        ax.xaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel("KL (nats/token) - lower stays closer to SFT", color="tab:red")
     right.grid(alpha=0.3)
     twin = right.twinx()
@@ -148,6 +152,7 @@ def write_demo_report(
     agreement: list[dict],
     synth_summary: dict,
     timings: dict[str, float],
+    cpu_timings: dict[str, float],
     fast: bool,
     example: tuple[str, str] | None = None,
 ) -> Path:
@@ -180,10 +185,17 @@ def write_demo_report(
         "",
         "## Time per stage",
         "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {name} | {sec:.0f} |" for name, sec in timings.items()],
-        f"| total | {sum(timings.values()):.0f} |",
+        "Wall seconds depend on the machine's load; CPU seconds (user + system, all of the "
+        "stage's processes) much less. Load average (1, 5, 15 min) when the report was "
+        f"written: {', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
+        "",
+        "| stage | wall s | CPU s |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {sec:.0f} | {cpu_timings.get(name, 0):.0f} |"
+            for name, sec in timings.items()
+        ],
+        f"| total | {sum(timings.values()):.0f} | {sum(cpu_timings.values()):.0f} |",
         "",
         "## Teacher: synthetic SFT data",
         "",
@@ -197,13 +209,10 @@ def write_demo_report(
         "(choice mode, expected score) and by the rubric's own rules. Agreement = the judge's "
         "score within 0.5 of the rubric's (higher is better).",
         "",
-        "| rubric | agree / answers | mean abs. error (score points, lower is better) |",
+        "| rubric (axis) | agree / answers | mean abs. error (score points, lower is better) |",
         "|---|---|---|",
     ]
-    by_rubric = defaultdict(list)
-    for row in agreement:
-        by_rubric[row["rubric"]].append(row)
-    for name, rows in by_rubric.items():
+    for name, rows in agreement_by_kind(agreement).items():
         errors = [
             abs(r["judge_score"] - r["rubric_score"]) for r in rows if r["judge_score"] is not None
         ]

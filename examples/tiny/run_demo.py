@@ -3,9 +3,10 @@
 
     python examples/tiny/run_demo.py [--out runs/demo] [--fast]
 
-Stages (each runs the project's real entry point, as a user would):
+Stages (each runs the project's real entry point with a user's arguments: the trainers
+under torchrun, the tools' main() in this process):
   1. a tiny llm-jp-3-shaped tokenizer and a random "instruct" model (the model to tune)
-  2. a tiny teacher-judge: pretrain_sft.py teaches a copy of the model the seed's teacher
+  2. a tiny teacher-judge: pretrain_sft.py (DP=2) teaches a copy of the model the seed's teacher
      prompts (-> Q: / A:) and the project's judge rubrics (-> the rubric's score); its
      agreement with the rubric is measured on held-out questions through the judge code
   3. synthetic SFT data: tools/generate_sft_data.py with that teacher
@@ -23,8 +24,12 @@ demo's few answer forms, so its scores mean what the rubric says only on answers
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
+import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,7 +59,9 @@ class Demo:
         self.stages = stages
         self.started = time.perf_counter()
         self.stage_started = self.started
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # stage -> wall seconds
+        self.cpu_timings: dict[str, float] = {}  # stage -> CPU seconds, its processes' too
+        self.stage_cpu = 0.0
         self.current: str | None = None
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         self.env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -66,14 +73,17 @@ class Demo:
         self.end_stage()
         self.current = name
         self.stage_started = time.perf_counter()
+        self.stage_cpu = cpu_seconds()
         elapsed = self.stage_started - self.started
         print(f"\n[{n}/{self.stages} | {elapsed:5.0f}s] {name}: {text}", flush=True)
 
     def end_stage(self) -> None:
         if self.current is not None:
             took = time.perf_counter() - self.stage_started
+            cpu = cpu_seconds() - self.stage_cpu
             self.timings[self.current] = took
-            print(f"  ({took:.0f}s)", flush=True)
+            self.cpu_timings[self.current] = cpu
+            print(f"  ({took:.0f}s, {cpu:.0f} CPU-s)", flush=True)
             self.current = None
 
     def run(self, name: str, *cmd: str, progress: tuple[Path, int, str] | None = None) -> None:
@@ -118,7 +128,47 @@ class Demo:
         )  # fmt: skip
 
     def tool(self, name: str, script: str, *args: str) -> None:
-        self.run(name, sys.executable, str(REPO / script), *args)
+        """Run `script`'s `main(argv)` in this process, as `python script args` would, its
+        output in logs/NAME.log. One process for all the single-process tools: each new
+        Python process pays again for importing torch, transformers and megatron-core
+        (several CPU seconds each, far more on a loaded machine)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        start = time.perf_counter()
+        path = REPO / script
+        module_name = "demo_tool_" + path.stem
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        with (
+            open(log, "w", encoding="utf-8") as f,
+            contextlib.redirect_stdout(f),
+            contextlib.redirect_stderr(f),
+        ):
+            print("$ python", script, *map(shlex.quote, args), end="\n\n", flush=True)
+            try:
+                code = module.main(list(args))
+            except SystemExit as exit_:  # argparse errors and the tools' clean exits
+                code = exit_.code
+        if code not in (0, None):
+            print(log.read_text(encoding="utf-8")[-6000:], file=sys.stderr)
+            raise SystemExit(f"stage {name} failed ({code}); log: {log}")
+        took = time.perf_counter() - start
+        print(f"  done {name} in {took:.0f}s (log {log.relative_to(self.out)})", flush=True)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of every child it has waited for (torchrun
+    and its ranks): on a shared machine the stages' CPU time, unlike their wall time, does
+    not depend on what else runs."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -182,10 +232,14 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     demo = Demo(out, args.fast, stages=9)
-    # A short SFT leaves GRPO room to improve; the judge needs its steps even in --fast (with
-    # fewer its scores hardly tell the answer forms apart and GRPO's reward stays flat).
-    steps = {"judge": 250, "sft": 15, "grpo": 10} if args.fast else {
-        "judge": 250, "sft": 20, "grpo": 20}  # fmt: skip
+    # The SFT learns the seed answers' words but not where to stop: sampled at temperature 1
+    # its completions run on into fragments (reward about 0.15), and GRPO learns to end them
+    # (completions shrink from 24 tokens to under 10). After a shorter SFT (20-40 steps) the
+    # samples are noise the judge scores near 0 and GRPO's reward stays flat. The judge needs
+    # its 200 steps even in --fast: after 120 it agreed with the rubric on 21-34 of 44
+    # held-out answers from run to run (200: 38-40), and the teacher repeated its questions.
+    steps = {"judge": 200, "sft": 80, "grpo": 10} if args.fast else {
+        "judge": 200, "sft": 80, "grpo": 20}  # fmt: skip
     models, runs, data = out / "models", out / "runs", out / "data"
     base, tok_dir = models / "base_hf", models / "tokenizer"
 
@@ -204,13 +258,16 @@ def main() -> int:
 
     demo.stage(2, "teacher-judge", f"SFT a copy of the model on teacher + judge tasks "
                f"({steps['judge']} steps)")  # fmt: skip
-    train_cases = demo_tasks.judge_cases(tokenizer, seed=0)
+    # Four answers of each form per training question: the judge learns what makes a form
+    # (a refusal, a reason, trailing fragments, noise), not one noise string per question.
+    train_cases = demo_tasks.judge_cases(tokenizer, seed=0, variants=4)
     held_out = demo_tasks.judge_cases(tokenizer, seed=1, held_out=True)
     teacher_rows = demo_tasks.teacher_rows()
     tj_data = data / "teacher_judge_sft.jsonl"
-    # The teacher rows are few; repeat them so that both jobs are learned in one run.
-    demo_tasks.write_jsonl(tj_data, teacher_rows * 4 + demo_tasks.judge_rows(train_cases))
-    print(f"  {len(teacher_rows)} teacher rows (x4), {len(train_cases)} judge rows "
+    # The teacher rows are few; repeat them so that both jobs are learned in one run (with
+    # fewer repeats the teacher writes the same new question for several seeds).
+    demo_tasks.write_jsonl(tj_data, teacher_rows * 8 + demo_tasks.judge_rows(train_cases))
+    print(f"  {len(teacher_rows)} teacher rows (x8), {len(train_cases)} judge rows "
           f"({tj_data.relative_to(out)})")  # fmt: skip
     mc_base = models / "base_mcore"
     demo.tool("convert_base", "tools/convert_checkpoint.py", "hf-to-mcore", "--hf-dir", str(base),
@@ -219,9 +276,14 @@ def main() -> int:
     demo.torchrun(
         "teacher_judge_sft", "pretrain_sft.py", 2,
         "--load", str(mc_base), "--tokenizer", str(tok_dir), "--train-data", str(tj_data),
-        "--seq-length", "256", "--micro-batch-size", "8", "--global-batch-size", "16",
+        # DP=2 (TP=1): at hidden 64 a TP all-reduce in every layer costs more than its
+        # compute; data parallelism exchanges gradients once per step. Rows of 512 tokens
+        # hold about three rubric prompts each.
+        "--seq-length", "512", "--micro-batch-size", "4", "--global-batch-size", "16",
         "--train-iters", str(steps["judge"]), "--lr", "3e-3", "--min-lr", "3e-4",
-        "--lr-warmup-iters", "10", "--tensor-model-parallel-size", "2",
+        "--lr-warmup-iters", "10", "--tensor-model-parallel-size", "1",
+        # torch's fused attention: half the CPU time of the local spec's at 512 tokens
+        "--transformer-impl", "sdpa",
         "--save", str(tj_run), "--data-cache-dir", str(out / "cache"),
         progress=(tj_run / "metrics.jsonl", steps["judge"], "loss"),
     )  # fmt: skip
@@ -238,10 +300,8 @@ def main() -> int:
     print(f"  judge: {JUDGE_WHAT}")
     print(f"  judge vs the rubric on {len(agreement)} held-out answers (questions it never saw): "
           f"{agreed} of {len(agreement)} within 0.5 of the rubric's score")  # fmt: skip
-    by_rubric: dict[str, list[bool]] = {}
-    for row in agreement:
-        by_rubric.setdefault(row["rubric"], []).append(row["agrees"])
-    print("    " + ", ".join(f"{name} {sum(v)}/{len(v)}" for name, v in by_rubric.items()))
+    for kind, rows in demo_tasks.agreement_by_kind(agreement).items():
+        print(f"    {kind:<22} {sum(r['agrees'] for r in rows):>2}/{len(rows)}")
 
     demo.stage(3, "synthetic data", "the seed's Q:/A: prompts, the tiny teacher (hf backend)")
     synth = data / "synthetic.jsonl"
@@ -288,9 +348,9 @@ def main() -> int:
         # agreement table); the seed adds helpfulness prompts under grpo_helpful.
         "--prompts", f"{DATA / 'seeds_safety.jsonl'}:safety",
         "--reward", "judge", "--judge-backend", "hf", "--judge-model", str(judge_hf),
-        "--num-generations", "8", "--max-new-tokens", "32", "--num-iterations", "2",
+        "--num-generations", "8", "--max-new-tokens", "24", "--num-iterations", "2",
         "--micro-batch-size", "16", "--global-batch-size", "48",
-        "--train-iters", str(steps["grpo"]), "--lr", "1e-3", "--lr-decay-style", "constant",
+        "--train-iters", str(steps["grpo"]), "--lr", "2e-3", "--lr-decay-style", "constant",
         "--tensor-model-parallel-size", "2", "--save", str(grpo),
         progress=(grpo / "metrics.jsonl", steps["grpo"], "reward_mean"),
     )  # fmt: skip
@@ -351,10 +411,13 @@ def main() -> int:
         agreement=agreement,
         synth_summary=summary,
         timings=demo.timings,
+        cpu_timings=demo.cpu_timings,
         fast=args.fast,
         example=(first_safety["ID"], first_safety["text"]),
     )
-    print(f"\ndone in {time.perf_counter() - demo.started:.0f}s")
+    print(f"\ndone in {time.perf_counter() - demo.started:.0f}s, "
+          f"{sum(demo.cpu_timings.values()):.0f} CPU-s; load average at the end "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
     print(f"  report:      {report_md} (PNGs beside it)")
     print(f"  checkpoints: {runs} (megatron), {models} (HF)")
     print(f"  data:        {data}; evaluation: {out / 'eval'}; logs: {demo.log_dir}")

@@ -260,6 +260,18 @@ class _StrictGenerator(torch.Generator):
         return _CUDA0 if getattr(self, _HOME) == DEVICE else torch.device("cpu")
 
 
+class _CpuGenerator(torch.Generator):
+    """`torch.Generator(device="cuda")` on a CPU: a CPU generator. A generator is not a tensor,
+    so the torch-function mode cannot move it; code that makes its generators on
+    `compute_device()` (GRPO's per-completion streams) needs this."""
+
+    def __new__(cls, device="cpu"):
+        return super().__new__(cls, "cpu")
+
+    def __init__(self, device="cpu"):
+        pass
+
+
 # Collectives whose tensors must be on the device when the group is NCCL.
 _COLLECTIVES = (
     "all_reduce",
@@ -569,7 +581,7 @@ def activate(strict: bool | None = None) -> bool:
     if strict is None:
         strict = strict_devices_requested()
     mode_class = _StrictDeviceMode if strict else _CudaToCpuMode
-    patches = _strict_patches() if strict else []
+    patches = _strict_patches() if strict else [(torch, "Generator", _CpuGenerator)]
     patched = [(owner, name, vars(owner)[name]) for owner, name, _ in patches]
     for owner, name, value in patches:
         setattr(owner, name, value)

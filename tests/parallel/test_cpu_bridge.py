@@ -29,6 +29,14 @@ def test_cuda_devices_map_to_cpu(bridge):
     torch.cuda.synchronize()
 
 
+def test_cuda_generator_is_a_cpu_generator(bridge):
+    # GRPO's per-completion generators live on compute_device(), "cuda" under the bridge.
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.rand(3, generator=generator, device="cuda"), expected)
+    assert isinstance(torch.Generator(), torch.Generator)
+
+
 def test_rng_tracker_streams_are_reproducible_and_isolated(bridge):
     from megatron.core.tensor_parallel import random as mpu_random
 
