@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from megatron_kaja.checkpoint.convert import hf_to_mcore
 from tests.helpers import run_torchrun
-from tests.rl.test_train_grpo import QA, WORKER, _metrics, _weights
+from tests.rl.test_train_grpo import WORKER, _metrics, _weights, comparison_runs
 
 STEPS = 2
 VARIANTS = {  # the seed's defaults, and the other normalizers and KL estimators
@@ -29,22 +28,7 @@ VARIANTS = {  # the seed's defaults, and the other normalizers and KL estimators
 
 @pytest.mark.slow
 def test_grpo_at_dp2_equals_dp1(tmp_path, tiny_hf_dir):
-    rows = [{"ID": f"p{i}", "text": q, "output": a} for i, (q, a) in enumerate(QA * 4)]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    hf_to_mcore(tiny_hf_dir, tmp_path / "mc", progress=False)
-
-    def args(out, extra):
-        # 4 prompts x 4 samples per step; micro-batches of 3 rows leave a short last one.
-        return [
-            "--load", str(tmp_path / "mc"), "--tokenizer", str(tiny_hf_dir),
-            "--prompts", f"{prompts}:safety", "--reward", "judge", "--judge-backend", "hf",
-            "--judge-model", str(tiny_hf_dir), "--num-generations", "4",
-            "--max-new-tokens", "6", "--micro-batch-size", "3", "--global-batch-size", "16",
-            "--train-iters", str(STEPS), "--lr", "1e-3", "--temperature", "1.5",
-            "--metrics-file", str(out / "metrics.jsonl"), "--save", str(out), "--seed", "3",
-            *extra,
-        ]  # fmt: skip
+    args = comparison_runs(tmp_path, tiny_hf_dir, STEPS)
 
     for dp in (1, 2):
         runs = [args(tmp_path / f"dp{dp}_{name}", extra) for name, extra in VARIANTS.items()]

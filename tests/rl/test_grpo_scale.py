@@ -14,9 +14,8 @@ import json
 import pytest
 import torch
 
-from megatron_kaja.checkpoint.convert import hf_to_mcore
 from tests.helpers import run_torchrun
-from tests.rl.test_train_grpo import QA, WORKER, _metrics, _weights
+from tests.rl.test_train_grpo import WORKER, _metrics, _weights, comparison_runs
 
 pytestmark = pytest.mark.slow
 
@@ -58,29 +57,17 @@ PP_RUNS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_hf_dir):
     root = tmp_path_factory.mktemp("grpo_scale")
-    rows = [{"ID": f"p{i}", "text": q, "output": a} for i, (q, a) in enumerate(QA * 4)]
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    hf_to_mcore(tiny_hf_dir, root / "mc", progress=False)
-
-    def args(name, extra):
-        # 4 prompts x 4 samples per step; micro-batches of 3 rows leave a short last one.
-        return [
-            "--load", str(root / "mc"), "--tokenizer", str(tiny_hf_dir),
-            "--prompts", f"{prompts}:safety", "--reward", "judge", "--judge-backend", "hf",
-            "--judge-model", str(tiny_hf_dir), "--num-generations", "4",
-            "--micro-batch-size", "3", "--global-batch-size", "16", "--max-new-tokens", "6",
-            "--train-iters", str(STEPS), "--lr", "1e-3", "--temperature", "1.5",
-            "--metrics-file", str(root / name / "metrics.jsonl"), "--save", str(root / name),
-            "--seed", "3", *extra,
-            # Adam's default eps (1e-8) turns a last-bit difference in a near-zero gradient
-            # entry (another summation order of the same sum) into a step of up to lr in
-            # that weight; at 1e-4 the weights compare at the gradients' own precision.
-            "--adam-eps", "1e-4",
-        ]  # fmt: skip
+    argv = comparison_runs(root, tiny_hf_dir, STEPS)
+    # Adam's default eps (1e-8) turns a last-bit difference in a near-zero gradient entry
+    # (another summation order of the same sum) into a step of up to lr in that weight; at
+    # 1e-4 the weights compare at the gradients' own precision.
+    adam_eps = ["--adam-eps", "1e-4"]
 
     for nproc, runs in ((2, RUNS), (4, PP_RUNS)):
-        launch = [{"entry": "grpo", "argv": args(name, extra)} for name, extra in runs.items()]
+        launch = [
+            {"entry": "grpo", "argv": argv(root / name, [*extra, *adam_eps])}
+            for name, extra in runs.items()
+        ]
         run_torchrun(WORKER, nproc, json.dumps(launch), timeout=1200)
     return root
 

@@ -44,6 +44,29 @@ def _args(root, tiny_hf_dir, out, *extra):
     ]  # fmt: skip
 
 
+def comparison_runs(root, tiny_hf_dir, steps):
+    """Prompts and the tiny model converted under `root`; returns `argv(out, extra)` for a
+    GRPO run of `steps` steps that two launches compare: 4 prompts x 4 samples per step,
+    micro-batches of 3 rows (a short last one), the tiny model as judge, a fixed seed."""
+    rows = [{"ID": f"p{i}", "text": q, "output": a} for i, (q, a) in enumerate(QA * 4)]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    hf_to_mcore(tiny_hf_dir, root / "mc", progress=False)
+
+    def argv(out, extra):
+        return [
+            "--load", str(root / "mc"), "--tokenizer", str(tiny_hf_dir),
+            "--prompts", f"{prompts}:safety", "--reward", "judge", "--judge-backend", "hf",
+            "--judge-model", str(tiny_hf_dir), "--num-generations", "4",
+            "--max-new-tokens", "6", "--micro-batch-size", "3", "--global-batch-size", "16",
+            "--train-iters", str(steps), "--lr", "1e-3", "--temperature", "1.5",
+            "--metrics-file", str(out / "metrics.jsonl"), "--save", str(out), "--seed", "3",
+            *extra,
+        ]  # fmt: skip
+
+    return argv
+
+
 def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
