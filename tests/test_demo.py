@@ -63,9 +63,15 @@ def test_demo_shows_each_stage_working(tmp_path):
     assert max(m["kl"] for m in steps) > 0
     assert max(m["clip_frac"] for m in steps) > 0
 
-    # Evaluation tells the four models apart.
+    # Evaluation tells the four models apart: their predictions over the three evaluation
+    # sets differ. (After --fast's 10 GRPO steps, the 0.5 / 0.5 merge often answers the
+    # safety questions greedily word for word as SFT does, and differs on the others.)
     predictions = {
-        model: [r["prediction"] for r in _lines(out / "eval" / model / "safety" / PREDICTIONS)]
+        model: [
+            r["prediction"]
+            for dataset in ("safety", "borderline", "helpful")
+            for r in _lines(out / "eval" / model / dataset / PREDICTIONS)
+        ]
         for model in ("base", "sft", "grpo", "merged")
     }
     assert len({tuple(p) for p in predictions.values()}) == 4, predictions
