@@ -38,7 +38,6 @@ from megatron_kaja.preference.losses import (
     preference_loss_names,
     reward_stats,
 )
-from megatron_kaja.training.errors import ConfigError
 from megatron_kaja.training.loop import (
     Run,
     Trainer,
@@ -217,15 +216,8 @@ class DPOTrainer(Trainer):
     settings = DPOConfig
     per_token_loss = True  # "tokens" are pairs here: see the module docstring
     logger = logger
-
-    def check_extras(self, cfg) -> None:
-        if cfg.context_parallel_size > 1:
-            # transformer-engine's ring attention needs each row split over the CP ranks
-            # (2 x CP chunks per sample), which the pair batches are not yet.
-            raise ConfigError(
-                "--context-parallel-size > 1: DPO's pair rows are not split over context-"
-                "parallel ranks yet"
-            )
+    # the pair batches are not cut into 2 x CP chunks per sample yet
+    rows_without_context_parallel = "DPO's pair rows"
 
     def prepare(self, run: Run) -> int:
         cfg = run.cfg

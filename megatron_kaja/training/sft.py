@@ -18,7 +18,7 @@ from megatron_kaja.data import (
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
 from megatron_kaja.parallel.distributed import compute_device
-from megatron_kaja.training.config import ConfigError, SFTConfig
+from megatron_kaja.training.config import SFTConfig
 from megatron_kaja.training.loop import (
     Run,
     Trainer,
@@ -131,15 +131,8 @@ class SFTTrainer(Trainer):
     settings = SFTConfig
     per_token_loss = True
     logger = logger
-
-    def check_extras(self, cfg) -> None:
-        if cfg.context_parallel_size > 1:
-            # transformer-engine's ring attention over packed (THD) rows needs every sample
-            # padded to a multiple of 2 x CP, which the packer does not do yet.
-            raise ConfigError(
-                "--context-parallel-size > 1: SFT's packed rows are not split over context-"
-                "parallel ranks yet (each sample would need padding to 2 x CP tokens)"
-            )
+    # the packer does not pad each sample to a multiple of 2 x CP yet
+    rows_without_context_parallel = "SFT's packed rows"
 
     def prepare(self, run: Run) -> int:
         cfg = run.cfg

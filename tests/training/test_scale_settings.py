@@ -102,6 +102,27 @@ def test_transformer_engine_settings_are_refused_without_it_naming_the_extra(arg
         check_scale_extras(cfg)
 
 
+@pytest.mark.parametrize(
+    ("trainer", "argv", "rows"),
+    [
+        ("sft", BASE, "SFT's packed rows"),
+        ("dpo", ["--load", "m", "--tokenizer", "tok", "--train-data", "p.jsonl"], "DPO's pair"),
+    ],
+)
+def test_context_parallel_is_refused_where_rows_are_not_split(monkeypatch, trainer, argv, rows):
+    # With transformer-engine present the extras pass; the trainer's rows still cannot be
+    # split over CP ranks, which the skeleton refuses before any process group starts.
+    from megatron_kaja.preference.trainer import DPOConfig, DPOTrainer
+    from megatron_kaja.training import loop
+    from megatron_kaja.training.sft import SFTTrainer
+
+    cls, settings = {"sft": (SFTTrainer, None), "dpo": (DPOTrainer, DPOConfig)}[trainer]
+    cfg = load_config([*argv, "--context-parallel-size", "2"], settings)
+    monkeypatch.setattr(loop, "check_scale_extras", lambda cfg: None)
+    with pytest.raises(ConfigError, match=f"--context-parallel-size > 1: {rows}"):
+        loop.run_training(cfg, cls())
+
+
 def test_grpo_refuses_what_its_sampler_cannot_take():
     from megatron_kaja.rl.run_config import GRPORunConfig
     from megatron_kaja.training.settings import load_config as load_settings
