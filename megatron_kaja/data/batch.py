@@ -35,13 +35,26 @@ def collate_packed_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Te
 
 
 def build_attention_mask(
-    cu_seqlens: torch.Tensor, batch_size: int, seq_length: int
+    cu_seqlens: torch.Tensor,
+    batch_size: int,
+    seq_length: int,
+    query_positions: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Megatron-core's `[b, 1, s, s]` bool attention mask from a micro-batch's `cu_seqlens`:
-    True where query i must NOT attend key j, i.e. j > i or j is in another sample."""
-    positions = torch.arange(batch_size * seq_length, device=cu_seqlens.device)
+    """Megatron-core's bool attention mask from a micro-batch's `cu_seqlens`: True where a
+    query must NOT attend a key, i.e. the key comes later in the row or is in another sample.
+
+    By default every position of the rows is a query and a key (`[b, 1, s, s]`). Context
+    parallelism gives the positions (in the full rows of `seq_length`) of the queries a rank
+    holds and of the keys in the order it gathered them: `[b, 1, len(query), len(key)]`.
+    """
+    device = cu_seqlens.device
+    positions = torch.arange(batch_size * seq_length, device=device)
     segment = torch.searchsorted(cu_seqlens.to(torch.int64), positions, right=True)
     segment = segment.view(batch_size, seq_length)
-    same_sample = segment[:, :, None] == segment[:, None, :]
-    causal = torch.ones(seq_length, seq_length, dtype=torch.bool, device=cu_seqlens.device).tril()
+    every = torch.arange(seq_length, device=device)
+    q = every if query_positions is None else query_positions
+    k = every if key_positions is None else key_positions
+    same_sample = segment[:, q, None] == segment[:, None, k]
+    causal = k[None, :] <= q[:, None]
     return (~(same_sample & causal)).unsqueeze(1)

@@ -8,8 +8,9 @@ project's shared notes): tensors built with `device="cuda"` or `torch.cuda.curre
 * a `TorchFunctionMode` (entered for the process, and around every Python autograd
   backward, which the autograd engine runs without the caller's modes) maps every CUDA
   device argument (`"cuda"`, `"cuda:0"`, an integer
-  ordinal, `torch.device("cuda")`) to the CPU, makes `Tensor.cuda()` a no-op, and reports CPU
-  tensor types under their CUDA names so that megatron's dtype checks accept them;
+  ordinal, `torch.device("cuda")`) to the CPU, makes `Tensor.cuda()` a no-op, drops
+  `pin_memory=True` (no pinned allocator without CUDA), and reports CPU tensor types under
+  their CUDA names so that megatron's dtype checks accept them;
 * `torch.cuda.current_device / synchronize / current_stream / Event / nvtx ...` become
   CPU-safe stand-ins;
 * the RNG tracker keeps its named states as CPU generator states, which is what a CPU
@@ -73,6 +74,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = {**kwargs, "device": "cpu"}
+        if kwargs.get("pin_memory"):
+            # A CPU build has no pinned allocator: megatron-core's RoPE under context
+            # parallelism makes its chunk index with torch.tensor(..., pin_memory=True).
+            kwargs = {**kwargs, "pin_memory": False}
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from megatron_kaja.extras import require
+from megatron_kaja.models.llama.attention import attention_backend
 from megatron_kaja.models.llama.config import FP8_RECIPES, LlamaArch, virtual_pipeline_size
 from megatron_kaja.training.errors import ConfigError
 
@@ -31,8 +32,8 @@ class ScaleSettings(BaseModel):
     context_parallel_size: int = Field(
         default=1,
         gt=0,
-        description="split every sequence over this many ranks (ring attention; needs "
-        "transformer-engine)",
+        description="split every packed row over this many ranks (2 x this chunks, keys and "
+        "values all-gathered in attention; --transformer-impl sdpa, its default here)",
     )
     overlap_grad_reduce: bool = Field(
         default=False,
@@ -108,12 +109,17 @@ class ScaleSettings(BaseModel):
         if self.fp8_recipe is not None and self.fp8_format is None:
             raise ValueError("--fp8-recipe needs --fp8-format")
         impl = getattr(self, "transformer_impl", None)
-        for flag, wanted in (
-            ("--fp8-format", self.fp8_format is not None),
-            ("--context-parallel-size", self.context_parallel_size > 1),
-        ):
-            if wanted and impl not in (None, "transformer_engine"):
-                raise ValueError(f"{flag} needs --transformer-impl transformer_engine")
+        if self.fp8_format is not None and impl not in (None, "transformer_engine"):
+            raise ValueError("--fp8-format needs --transformer-impl transformer_engine")
+        if self.context_parallel_size > 1 and hasattr(self, "transformer_impl"):
+            if impl is None:  # the one backend that splits packed rows over CP ranks
+                self.transformer_impl = impl = "sdpa"
+            refusal = attention_backend(impl).context_parallel_refusal
+            if refusal:
+                raise ValueError(
+                    f"--context-parallel-size {self.context_parallel_size} with "
+                    f"--transformer-impl {impl}: {refusal}"
+                )
         uses_pp = self.num_layers_per_virtual_pipeline_stage or (
             self.decoder_first_pipeline_num_layers or self.decoder_last_pipeline_num_layers
         )
@@ -221,5 +227,3 @@ def check_scale_extras(settings: ScaleSettings) -> None:
     """Refuse, before any compute, what needs transformer-engine when it is missing."""
     if settings.fp8_format is not None:
         require("transformer_engine", f"--fp8-format {settings.fp8_format}")
-    if settings.context_parallel_size > 1:
-        require("transformer_engine", "--context-parallel-size (ring attention)")

@@ -41,8 +41,9 @@ class ModelSettings(BaseModel):
     tokenizer: Path = Field(description="HF tokenizer folder (its chat template renders data)")
     transformer_impl: AttentionBackendName | None = Field(
         default=None,
-        description="attention backend / layer spec (default: transformer_engine on a GPU "
-        "that has it, else sdpa on GPU, local on CPU)",
+        description="attention backend / layer spec (default: sdpa under "
+        "--context-parallel-size > 1; else transformer_engine on a GPU that has it, sdpa on "
+        "other GPUs, local on CPU)",
     )
 
 

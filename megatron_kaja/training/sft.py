@@ -71,7 +71,8 @@ def _forward_step(vocab_size: int, attention: AttentionBackend, data_iterator, m
 def run_global_batch(
     stack, micro_batches: list[dict], seq_length: int, forward_only: bool, vocab_size: int
 ):
-    """One global batch through megatron-core's schedule; returns (loss sum, tokens) over DP."""
+    """One global batch through megatron-core's schedule; returns (loss sum, tokens) over the
+    whole batch (every data-parallel rank, and every context-parallel rank's part of the rows)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -96,8 +97,10 @@ def run_global_batch(
     if ps.is_pipeline_last_stage():
         for out in outputs:
             totals += out["loss"].double()
-    # Sum over data-parallel ranks, then hand the last stage's numbers to every stage.
-    dist.all_reduce(totals, group=ps.get_data_parallel_group())
+    # Sum over data-parallel and context-parallel ranks (each CP rank holds its chunks of the
+    # rows: its loss sum and tokens are a part), then hand the last stage's numbers to every
+    # stage. finalize_model_grads sums the gradients' token count over the same group.
+    dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
     dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
     return totals[0].item(), totals[1].item()
 
@@ -131,8 +134,6 @@ class SFTTrainer(Trainer):
     settings = SFTConfig
     per_token_loss = True
     logger = logger
-    # the packer does not pad each sample to a multiple of 2 x CP yet
-    rows_without_context_parallel = "SFT's packed rows"
 
     def prepare(self, run: Run) -> int:
         cfg = run.cfg
@@ -170,6 +171,7 @@ class SFTTrainer(Trainer):
             f"{cfg.gradient_accumulation_steps(self.dp)} micro-batches of "
             f"{cfg.micro_batch_size} per DP rank per step, DP={self.dp} "
             f"TP={cfg.tensor_model_parallel_size} PP={cfg.pipeline_model_parallel_size}"
+            + (f" CP={cfg.context_parallel_size}" if cfg.context_parallel_size > 1 else "")
         )
 
     def step(self, run: Run, iteration: int, log: bool) -> list[dict]:

@@ -97,7 +97,7 @@ def test_pipeline_stage_layers_even_uneven_and_virtual():
         virtual_pipeline_size(8, 2, 3)
 
 
-def test_fp8_and_context_parallel_need_transformer_engine_impl(megatron_world):
+def test_fp8_needs_transformer_engine_impl(megatron_world):
     from megatron_kaja.models.llama.model import build_gpt_model
 
     with pytest.raises(ValueError, match="--fp8-format needs --transformer-impl"):

@@ -26,6 +26,9 @@ def test_cuda_devices_map_to_cpu(bridge):
     assert torch.ones(1).to("cuda:0").device.type == "cpu"
     assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # megatron's dtype checks
     assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    # megatron-core's RoPE under context parallelism pins its chunk index on the host.
+    pinned = torch.tensor([0, 3], device="cpu", pin_memory=True).cuda(non_blocking=True)
+    assert pinned.tolist() == [0, 3]
     torch.cuda.synchronize()
 
 

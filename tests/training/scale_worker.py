@@ -120,13 +120,24 @@ def full_weights(stack) -> dict[str, torch.Tensor]:
     return total
 
 
-def run(layout: dict, *, save: Path | None = None, load: Path | None = None, steps=STEPS):
-    """Train `steps` steps (from step 0, or resumed from `load`) in `layout`."""
+def run(
+    layout: dict,
+    *,
+    save: Path | None = None,
+    load: Path | None = None,
+    steps=STEPS,
+    batches=micro_batches,
+    seq_length=SEQ,
+):
+    """Train `steps` steps (from step 0, or resumed from `load`) in `layout` on the global
+    batches `batches(step)` of rows of `seq_length`."""
     layout = dict(layout)
-    tp, pp = layout.pop("tp", 1), layout.pop("pp", 1)
+    tp, pp, cp = layout.pop("tp", 1), layout.pop("pp", 1), layout.pop("cp", 1)
     vpp = layout.pop("vpp", None)
     sharding = layout.pop("fully_reshardable", False)
-    initialize_model_parallel(tp, pp, seed=1234, virtual_pipeline_parallel_size=vpp)
+    initialize_model_parallel(
+        tp, pp, seed=1234, virtual_pipeline_parallel_size=vpp, context_parallel_size=cp
+    )
     stack = build_training_stack(
         ARCH,
         lr=1e-3,
@@ -149,7 +160,9 @@ def run(layout: dict, *, save: Path | None = None, load: Path | None = None, ste
     for step in range(start, steps):
         stack.zero_grad_buffers()
         stack.optimizer.zero_grad()
-        loss_sum, tokens = run_global_batch(stack, micro_batches(step), SEQ, False, ARCH.vocab_size)
+        loss_sum, tokens = run_global_batch(
+            stack, batches(step), seq_length, False, ARCH.vocab_size
+        )
         stack.optimizer.step()
         stack.scheduler.step(increment=1)
         losses.append(loss_sum / tokens)

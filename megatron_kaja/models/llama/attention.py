@@ -10,11 +10,15 @@ Packed rows hold several samples; attention must stay inside a sample:
 Outside THD, megatron's RoPE numbers a row's tokens 0..s-1 rather than per sample; as attention
 stays inside a sample and RoPE scores depend only on relative positions, this equals
 restarting positions up to rounding.
+
+Context parallelism (`--context-parallel-size`) splits packed rows on `sdpa` only; the other
+backends say why not (`context_parallel_refusal`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 # the per-token tensors of a packed batch (what a loss reads besides the logits)
 TOKEN_FIELDS = ("tokens", "position_ids", "labels", "loss_mask")
@@ -24,6 +28,8 @@ class AttentionBackend:
     """One attention backend: its layer spec and its way of feeding packed rows."""
 
     name: str = ""
+    # Why this backend cannot split packed rows over context-parallel ranks (None: it can).
+    context_parallel_refusal: ClassVar[str | None] = None
 
     def layer_spec(self):
         """The megatron-core `ModuleSpec` of one llm-jp-3 decoder layer."""
@@ -81,6 +87,11 @@ def attention_backend(name: str) -> AttentionBackend:
 class LocalAttention(AttentionBackend):
     """megatron-core's local spec; packed rows through a per-sample causal bool mask."""
 
+    context_parallel_refusal = (
+        "megatron-core's local DotProductAttention takes no context parallelism; "
+        "use --transformer-impl sdpa"
+    )
+
     def layer_spec(self):
         from megatron.core.models.gpt import gpt_layer_specs
 
@@ -99,7 +110,13 @@ class LocalAttention(AttentionBackend):
 
 @register_attention_backend("sdpa")
 class SDPAAttentionBackend(AttentionBackend):
-    """torch SDPA core attention (`models/llama/sdpa.py`); packed rows through `cu_seqlens`."""
+    """torch SDPA core attention (`models/llama/sdpa.py`); packed rows through `cu_seqlens`.
+
+    Under context parallelism each rank feeds its zigzag chunks of the rows
+    (`parallel/context_parallel.py`) with the full rows' `cu_seqlens`, and returns that part of
+    the batch: the loss reads the rank's labels and mask. The pipeline schedule divides the
+    row length by CP itself (megatron-core's `get_tensor_shapes`).
+    """
 
     def layer_spec(self):
         from megatron_kaja.models.llama.norm import with_rmsnorm
@@ -108,9 +125,15 @@ class SDPAAttentionBackend(AttentionBackend):
         return with_rmsnorm(sdpa_layer_spec())
 
     def forward(self, model, batch: dict):
+        from megatron.core import parallel_state as ps
+
         from megatron_kaja.models.llama.sdpa import packed_seq_params
+        from megatron_kaja.parallel.context_parallel import split_batch_for_context_parallel
 
         s = batch["tokens"].shape[1]
+        cp = ps.get_context_parallel_world_size()
+        if cp > 1:
+            batch = split_batch_for_context_parallel(batch, cp, ps.get_context_parallel_rank())
         params = packed_seq_params(batch["cu_seqlens"], s)
         return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=params), batch
 
@@ -118,6 +141,13 @@ class SDPAAttentionBackend(AttentionBackend):
 @register_attention_backend("transformer_engine")
 class TransformerEngineAttention(AttentionBackend):
     """transformer-engine's spec; packed rows as one THD sequence per micro-batch."""
+
+    # TE's ring attention over THD needs every sample padded to a multiple of 2 x CP and cut
+    # into 2 x CP chunks (`cu_seqlens_q_padded`): the packer does not pad so.
+    context_parallel_refusal = (
+        "packed rows would need the THD layout with every sample padded to a multiple of "
+        "2 x CP, which is not built; use --transformer-impl sdpa"
+    )
 
     def layer_spec(self):
         from megatron.core.models.gpt import gpt_layer_specs

@@ -78,10 +78,13 @@ def build_gpt_model(
         context_parallel_size=ps.get_context_parallel_world_size(),
         **config_kwargs,
     )
-    needs_te = config.fp8 or config.context_parallel_size > 1
-    if needs_te and transformer_impl != "transformer_engine":
-        what = "--fp8-format" if config.fp8 else "--context-parallel-size"
-        raise ValueError(f"{what} needs --transformer-impl transformer_engine")
+    if config.fp8 and transformer_impl != "transformer_engine":
+        raise ValueError("--fp8-format needs --transformer-impl transformer_engine")
+    refusal = attention_backend(transformer_impl).context_parallel_refusal
+    if config.context_parallel_size > 1 and refusal:
+        raise ValueError(
+            f"--context-parallel-size with --transformer-impl {transformer_impl}: {refusal}"
+        )
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:

@@ -13,6 +13,13 @@ Packed rows (several samples per row) must not attend across samples:
 - megatron's bool `attention_mask` (True = masked out) is inverted to SDPA's convention
   (True = may attend);
 - no mask at all: plain causal attention (`is_causal=True`).
+
+Context parallelism (CP > 1): each rank holds its zigzag chunks of every row
+(`parallel/context_parallel.py`). Keys and values are all-gathered over the CP group (the
+backward sums every rank's gradient for them), and the rank's queries attend to them under a
+mask built from `cu_seqlens` over the full rows: a query at row position p sees a key at k
+iff k <= p in the same sample. The gathered keys stay in rank order; the mask's key axis
+follows that order, which gives the same attention as reordering them into the row's.
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from megatron_kaja.data.batch import build_attention_mask
+from megatron_kaja.parallel.context_parallel import (
+    gather_sequence,
+    gathered_positions,
+    zigzag_positions,
+)
 
 try:  # torch >= 2.10: flash attention over cu_seqlens segments (CUDA only)
     from torch.nn.attention.varlen import varlen_attn
@@ -51,7 +63,8 @@ class SDPAttention(MegatronModule):
     forward: query `[s, b, heads_per_partition, head_dim]`, key / value
     `[s, b, groups_per_partition, head_dim]` (or `[t, heads, head_dim]` in the THD packed
     format) -> `[s, b, heads_per_partition * head_dim]`. Tensor parallelism splits heads, so
-    each rank attends with its own heads and query groups; nothing is communicated here.
+    each rank attends with its own heads and query groups. Under context parallelism the
+    keys and values are gathered over the CP group (module docstring).
     """
 
     def __init__(
@@ -66,16 +79,15 @@ class SDPAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention: context parallelism needs the transformer_engine impl")
         if config.softmax_type != "vanilla" or config.window_size is not None:
             raise ValueError(
                 "SDPAttention supports vanilla softmax over full causal windows only "
                 f"(softmax_type={config.softmax_type!r}, window_size={config.window_size})"
             )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp = pg_collection.tp.size()
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.heads_per_partition = divide(config.num_attention_heads, tp)
@@ -105,7 +117,15 @@ class SDPAttention(MegatronModule):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         s, b = query.shape[:2]
         dropout_p = self.dropout_p if self.training else 0.0
-        if packed_seq_params is not None and self._varlen_usable(query, dropout_p):
+        if self.cp_group is not None:
+            if thd or attention_mask is not None:
+                raise ValueError(
+                    "SDPAttention with context parallelism takes [s, b, ...] rows and their "
+                    "cu_seqlens (qkv_format sbhd), not THD input or an attention mask"
+                )
+            key, value, attention_mask = self._gather_context(key, value, packed_seq_params)
+            context = self._sdpa(query, key, value, attention_mask, False, dropout_p)
+        elif packed_seq_params is not None and self._varlen_usable(query, dropout_p):
             context = self._varlen(query, key, value, packed_seq_params)
         else:
             if packed_seq_params is not None and attention_mask is None:
@@ -113,6 +133,26 @@ class SDPAttention(MegatronModule):
             causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
             context = self._sdpa(query, key, value, attention_mask, causal, dropout_p)
         return context.reshape(s, self.hidden_size_per_partition) if thd else context
+
+    def _gather_context(self, key, value, params: PackedSeqParams | None):
+        """The CP group's keys and values `[cp * s, b, ...]` (rank order) and this rank's
+        queries' bool mask over them (True = masked out), from the full rows' `cu_seqlens`."""
+        group = self.cp_group
+        cp, rank = group.size(), group.rank()
+        b = key.shape[1]
+        row = key.shape[0] * cp
+        if params is not None:
+            cu_seqlens = params.cu_seqlens_q
+        else:  # no packing: each row is one sample
+            cu_seqlens = torch.arange(0, (b + 1) * row, row, device=key.device)
+        mask = build_attention_mask(
+            cu_seqlens,
+            b,
+            row,
+            query_positions=zigzag_positions(row, cp, rank, cu_seqlens.device),
+            key_positions=gathered_positions(row, cp, cu_seqlens.device),
+        )
+        return gather_sequence(key, group), gather_sequence(value, group), mask
 
     def _sdpa(self, query, key, value, attention_mask, causal: bool, dropout_p: float):
         # [s, b, n, d] -> [b, n, s, d]
@@ -202,6 +242,8 @@ def packed_seq_params(cu_seqlens: torch.Tensor, seq_length: int) -> PackedSeqPar
     The rows keep megatron's `[s, b]` layout ("sbhd"; RoPE numbers each row 0..s-1, which
     equals per-sample positions since RoPE scores depend only on relative positions). The
     longest segment is bounded by the row length: the exact maximum would need a device sync.
+    Under context parallelism `seq_length` is the full rows' length: megatron-core sizes its
+    RoPE table from it and each rank takes its chunks of the table.
     """
     return PackedSeqParams(
         qkv_format="sbhd",
