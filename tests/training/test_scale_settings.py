@@ -48,7 +48,7 @@ def test_megatron_flag_names_reach_the_build_keywords():
         (["--recompute-granularity", "selective", "--recompute-num-layers", "2"], "need --rec"),
         (["--fp8-recipe", "delayed"], "--fp8-recipe needs --fp8-format"),
         (["--fp8-format", "e4m3", "--transformer-impl", "local"], "--fp8-format needs --trans"),
-        (["--context-parallel-size", "2", "--transformer-impl", "sdpa"], "needs --transformer"),
+        (["--context-parallel-size", "2", "--transformer-impl", "local"], "use --transformer-im"),
         (["--num-layers-per-virtual-pipeline-stage", "2"], "--pipeline-model-parallel-size >= 2"),
         (["--decoder-last-pipeline-num-layers", "2"], "--pipeline-model-parallel-size >= 2"),
         (["--fp8-format", "e5m2"], "--fp8-format"),
@@ -92,35 +92,26 @@ def test_world_rules_of_the_scale_settings():
 
 
 @pytest.mark.skipif(is_available("transformer_engine"), reason="transformer-engine installed")
-@pytest.mark.parametrize(
-    ("argv", "what"),
-    [(["--fp8-format", "hybrid"], "--fp8-format hybrid"), (["--context-parallel-size", "2"], "")],
-)
-def test_transformer_engine_settings_are_refused_without_it_naming_the_extra(argv, what):
-    cfg = load_config(BASE + argv)
+def test_transformer_engine_settings_are_refused_without_it_naming_the_extra():
+    cfg = load_config([*BASE, "--fp8-format", "hybrid"])
     with pytest.raises(MissingExtraError, match=r"megatron-kaja\[gpu\]"):
         check_scale_extras(cfg)
+    # Context parallelism runs on the sdpa backend: no extra needed.
+    check_scale_extras(load_config([*BASE, "--context-parallel-size", "2"]))
 
 
-@pytest.mark.parametrize(
-    ("trainer", "argv", "rows"),
-    [
-        ("sft", BASE, "SFT's packed rows"),
-        ("dpo", ["--load", "m", "--tokenizer", "tok", "--train-data", "p.jsonl"], "DPO's pair"),
-    ],
-)
-def test_context_parallel_is_refused_where_rows_are_not_split(monkeypatch, trainer, argv, rows):
-    # With transformer-engine present the extras pass; the trainer's rows still cannot be
-    # split over CP ranks, which the skeleton refuses before any process group starts.
+def test_context_parallel_is_refused_where_rows_are_not_split(monkeypatch):
+    # The extras pass; DPO's pair rows still cannot be split over CP ranks, which the
+    # skeleton refuses before any process group starts. (SFT's packed rows are split on the
+    # sdpa backend: tests/training/test_context_parallel.py.)
     from megatron_kaja.preference.trainer import DPOConfig, DPOTrainer
     from megatron_kaja.training import loop
-    from megatron_kaja.training.sft import SFTTrainer
 
-    cls, settings = {"sft": (SFTTrainer, None), "dpo": (DPOTrainer, DPOConfig)}[trainer]
-    cfg = load_config([*argv, "--context-parallel-size", "2"], settings)
+    argv = ["--load", "m", "--tokenizer", "tok", "--train-data", "p.jsonl"]
+    cfg = load_config([*argv, "--context-parallel-size", "2"], DPOConfig)
     monkeypatch.setattr(loop, "check_scale_extras", lambda cfg: None)
-    with pytest.raises(ConfigError, match=f"--context-parallel-size > 1: {rows}"):
-        loop.run_training(cfg, cls())
+    with pytest.raises(ConfigError, match="--context-parallel-size > 1: DPO's pair"):
+        loop.run_training(cfg, DPOTrainer())
 
 
 def test_grpo_refuses_what_its_sampler_cannot_take():
