@@ -41,7 +41,12 @@ the vocab-parallel cross entropy keeps, 4sbV/t.
 
 Sequence parallelism divides the terms outside the TP regions by t (then every term is
 /t); context parallelism splits the sequence over its ranks, s -> s/cp, and shards the
-distributed optimizer's states over DP x CP (megatron-core's dp-cp group). FP8
+distributed optimizer's states over DP x CP (megatron-core's dp-cp group). Its attention
+(the sdpa backend's, `models/llama/sdpa.py`) all-gathers K and V: the kernel's inputs are
+then the full row's K and V, expanded to a heads (the masked kernel takes no GQA),
+4Sb(ad)/t with S = cp s the full row length, instead of the rank's 4sb(gd)/t, under the CP
+mask that the memory-efficient kernel keeps as a bf16 bias of its (s x S) shape, 2bsS per
+rank (not split by TP). Selective recompute keeps only the local K and V, as without CP. FP8
 (transformer-engine) keeps the four GEMM inputs (QKV, linear_proj, fc1, fc2) as 1-byte
 copies instead of bf16, and a cached fp8 copy of each weight matrix and its transpose
 (2 B per matrix parameter). Uneven pipeline stages (`--decoder-first/last-pipeline-num-
@@ -207,13 +212,19 @@ def layer_activation_bytes(
     # Q after RoPE, K and V, linear_proj input, SwiGLU: fc1 out (4sbf), silu(gate), fc2 input
     inside_tp = 2 * s * b * a * d + 4 * s * b * g * d + gemm * s * b * a * d
     inside_tp += 4 * s * b * f + 2 * s * b * f + gemm * s * b * f
+    cp_mask = 0
     if recompute != "selective":
         if layout.flash_attention:
             inside_tp += 4 * s * b * a  # fp32 log-sum-exp per row and head
         else:
             inside_tp += 2 * a * s * layout.seq_length * b  # probs over the whole sequence
             inside_tp += 4 * s * b * (a - g) * d  # K/V expanded to every head
-    return outside_tp + inside_tp // t
+        if layout.context_parallel > 1:
+            # the gathered full-row K and V, expanded to every head, replace the rank's own;
+            # the CP mask as the kernel's bf16 bias (module docstring)
+            inside_tp += 4 * layout.seq_length * b * a * d - 4 * s * b * g * d
+            cp_mask = 2 * b * s * layout.seq_length
+    return outside_tp + inside_tp // t + cp_mask
 
 
 def chunk_micro_batch_bytes(arch: LlamaArch, layout: TrainingLayout, layers: int) -> int:

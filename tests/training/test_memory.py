@@ -182,7 +182,17 @@ def test_context_parallel_splits_the_sequence_and_shards_optimizer_states():
     cp = TrainingLayout(seq_length=8192, context_parallel=2, data_parallel=2,
                         distributed_optimizer=True)  # fmt: skip
     half = TrainingLayout(seq_length=4096, data_parallel=2, distributed_optimizer=True)
-    assert layer_activation_bytes(L13B, cp) == layer_activation_bytes(L13B, half)
+    # Everything but attention as a run of s / CP tokens; attention over the gathered K and
+    # V (full row of S = 8192, expanded to a heads) instead of the rank's own (s = 4096, g
+    # groups), and the CP mask as a bf16 bias of s x S per rank.
+    a, g, d, s, S = L13B.num_attention_heads, L13B.num_query_groups, L13B.head_dim, 4096, 8192
+    gathered = 4 * S * a * d - 4 * s * g * d + 2 * s * S
+    assert layer_activation_bytes(L13B, cp) == layer_activation_bytes(L13B, half) + gathered
+    # Selective recompute keeps the core attention's inputs only: the rank's own K and V.
+    selective = {"recompute": "selective"}
+    assert layer_activation_bytes(L13B, cp, "selective") == layer_activation_bytes(
+        L13B, TrainingLayout(seq_length=4096, **selective), "selective"
+    )
     assert cp.world_size == 4
     plain = estimate_stage(L13B, TrainingLayout(), 0).optimizer
     assert estimate_stage(L13B, cp, 0).optimizer == -(-plain // 4)  # over DP x CP
