@@ -23,8 +23,9 @@ and `ok`) and `OUT/gpu_check.log` (each step's command and output). Checks, in o
    losses of 4.'s builtin run), `fp8` (--fp8-format hybrid through transformer-engine:
    first loss within FP8 tolerance of bf16's, tokens/s and MFU; skipped, saying why, without
    transformer-engine or an FP8 GPU), and on 2 devices (skipped, saying so, on one GPU)
-   `sequence_parallel` (SFT and GRPO at TP=2, with vs without, peak memory of each) and
-   `virtual_pipeline` (SFT at PP=2 with 2 model chunks per stage vs without).
+   `sequence_parallel` (SFT and GRPO at TP=2, with vs without, peak memory of each),
+   `virtual_pipeline` (SFT at PP=2 with 2 model chunks per stage vs without) and
+   `context_parallel` (SFT at CP=2 on sdpa vs DP=2 on sdpa, peak memory of each).
 `--cpu` shrinks every size so CI proves the script end to end (its figures mean nothing);
 there the 2-device settings run as 2 CPU processes.
 
@@ -365,6 +366,7 @@ def check_scale(log: Log, work: Path, data: dict, size: dict, cpu: bool) -> dict
         reason = f"needs 2 GPUs (TP=2 / PP=2), this machine has {devices}"
         result["sequence_parallel"] = dict(ok=True, skipped=reason)
         result["virtual_pipeline"] = dict(ok=True, skipped=reason)
+        result["context_parallel"] = dict(ok=True, skipped=reason)
     else:
         # fp32, so that only the order of the sums differs (bf16 would round them apart).
         two = dict(iters=2, processes=2)
@@ -393,6 +395,18 @@ def check_scale(log: Log, work: Path, data: dict, size: dict, cpu: bool) -> dict
         result["virtual_pipeline"] = dict(
             ok=ok_a and ok_b and diff <= SCALE_LOSS_RTOL, max_loss_rel_diff=diff,
             tol=SCALE_LOSS_RTOL, interleaved=_speed(two_chunks), one_chunk=_speed(one_chunk),
+        )  # fmt: skip
+        # CP=2 x DP=1 against DP=2, both on sdpa: each rank its two chunks of every row and
+        # the gathered K / V (the masked kernel) vs whole rows (varlen flash on the GPU).
+        sdpa = ("--transformer-impl", "sdpa")
+        ok_a, rows = sft_run(log, work, data, size, "sdpa_dp2", *sdpa, **two)
+        ok_b, split = sft_run(
+            log, work, data, size, "sdpa_cp2", *sdpa, "--context-parallel-size", "2", **two
+        )
+        diff = _loss_diff(split, rows, relative=True)
+        result["context_parallel"] = dict(
+            ok=ok_a and ok_b and diff <= SCALE_LOSS_RTOL, max_loss_rel_diff=diff,
+            tol=SCALE_LOSS_RTOL, cp2=_speed(split), dp2=_speed(rows),
         )  # fmt: skip
     return {**result, "ok": all(r["ok"] for r in result.values())}
 

@@ -7,6 +7,7 @@ equals the run it replaces, in losses and in the updated weights (scale_worker.p
 - each recompute setting against none;
 - checkpoints saved in one layout resume in another (TP / PP / SP / VPP changed);
 and the flags end to end through pretrain_sft.py and train_dpo.py (one 2-process launch).
+Context parallelism's own comparisons are in test_context_parallel.py.
 """
 
 import json
@@ -97,6 +98,9 @@ FLAG_RUNS = {
         "--recompute-granularity", "full", "--recompute-method", "block",
         "--recompute-num-layers", "1",
     ),
+    # CP=2 x DP=1 on sdpa (the default under CP): both ranks read the same rows, the logged
+    # loss sums both halves of every row.
+    "cp2": ("--context-parallel-size", "2"),
 }  # fmt: skip
 
 
