@@ -248,6 +248,21 @@ def test_tp2_equals_tp1(megatron_world, tiny_hf_dir, tiny_hf_gqa_dir, tmp_path):
             )
 
 
+@pytest.mark.parametrize(
+    ("dtype", "dropout", "usable"),
+    [(torch.bfloat16, 0.0, True), (torch.float16, 0.0, True), (torch.float32, 0.0, False),
+     (torch.bfloat16, 0.1, False)],
+)  # fmt: skip
+def test_varlen_flash_is_used_only_where_flash_runs(monkeypatch, dtype, dropout, usable):
+    # Flash attention takes fp16 / bf16 only: an fp32 GPU run (the GPU check's CP and scale
+    # comparisons) must take the masked kernel.
+    from megatron_kaja.models.llama import sdpa as sdpa_module
+
+    monkeypatch.setattr(sdpa_module, "varlen_attn", lambda *a, **k: None)
+    query = type("CudaQuery", (), {"is_cuda": True, "dtype": dtype})()
+    assert sdpa_module.SDPAttention._varlen_usable(query, dropout) is usable
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["mha", "gqa"])
 def test_gpu_varlen_flash_path_equals_local_bf16(megatron_world, kind):

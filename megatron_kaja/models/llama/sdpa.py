@@ -7,9 +7,9 @@ state dict is the local spec's): torch then picks a flash / memory-efficient ker
 
 Packed rows (several samples per row) must not attend across samples:
 - `packed_seq_params` with `cu_seqlens` (what `megatron_kaja.training` passes for this spec):
-  on CUDA, without attention dropout, torch's flash varlen kernel (`varlen_attn`) attends
-  within each `cu_seqlens` segment of the micro-batch flattened to b*s tokens; elsewhere the
-  segments become a block-causal mask;
+  on CUDA in fp16 / bf16, without attention dropout, torch's flash varlen kernel
+  (`varlen_attn`) attends within each `cu_seqlens` segment of the micro-batch flattened to
+  b*s tokens; elsewhere the segments become a block-causal mask;
 - megatron's bool `attention_mask` (True = masked out) is inverted to SDPA's convention
   (True = may attend);
 - no mask at all: plain causal attention (`is_causal=True`).
@@ -198,7 +198,14 @@ class SDPAttention(MegatronModule):
 
     @staticmethod
     def _varlen_usable(query: torch.Tensor, dropout_p: float) -> bool:
-        return varlen_attn is not None and query.is_cuda and dropout_p == 0.0
+        # torch's varlen kernel is flash attention: fp16 / bf16 only (fp32 runs take the
+        # masked path).
+        return (
+            varlen_attn is not None
+            and query.is_cuda
+            and query.dtype in (torch.float16, torch.bfloat16)
+            and dropout_p == 0.0
+        )
 
     def _varlen(self, query, key, value, params: PackedSeqParams):
         """Flash attention per `cu_seqlens` segment of the micro-batch flattened to b*s tokens."""
