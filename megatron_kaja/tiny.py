@@ -104,27 +104,51 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 500, extra_text:
     judge prompt is a few hundred tokens rather than one token per character).
     Returns the loaded `PreTrainedTokenizerFast`. Deterministic for given arguments.
     """
+    import io
+    import unicodedata
+
+    import sentencepiece as spm
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import UnigramTrainer
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = UnigramTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(LLMJP_SPECIAL_TOKENS),
-        unk_token="<unk>",
-        shrinking_factor=0.75,
-        max_piece_length=8,
-    )
     # Train on multi-line chunks so that the template's newlines become pieces, not <unk>.
     lines = _CORPUS.splitlines()
     chunks = ["\n\n".join(lines[i : i + 3]) + "\n" for i in range(len(lines))]
     extra = [line for line in extra_text.splitlines() if line.strip()]
     chunks += ["\n".join(extra[i : i + 3]) + "\n" for i in range(len(extra))]
-    tok.train_from_iterator(chunks * 4, trainer=trainer)
+    # sentencepiece's unigram trainer, single-threaded, gives the same pieces and scores on
+    # every run (the `tokenizers` trainer's do not repeat from one process to the next, so
+    # neither would anything trained on its token ids).
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([unicodedata.normalize("NFKC", c) for c in chunks]),
+        model_writer=model,
+        model_type="unigram",
+        # sentencepiece's own <unk> <s> </s> are replaced by llm-jp's special tokens below
+        vocab_size=vocab_size - len(LLMJP_SPECIAL_TOKENS) + 3,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        max_sentencepiece_length=8,
+        shrinking_factor=0.75,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_by_whitespace=True,
+        add_dummy_prefix=True,
+        max_sentence_length=1 << 16,
+        num_threads=1,
+        minloglevel=2,
+    )
+    trained = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    pieces = [(name, 0.0) for name in LLMJP_SPECIAL_TOKENS] + [
+        (trained.id_to_piece(i), trained.get_score(i))
+        for i in range(trained.get_piece_size())
+        if not (trained.is_control(i) or trained.is_unknown(i))
+    ]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    tok.add_special_tokens(list(LLMJP_SPECIAL_TOKENS))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     for i, name in enumerate(LLMJP_SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
             raise RuntimeError(f"special token {name} landed at id {tok.token_to_id(name)}")

@@ -1,6 +1,6 @@
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_kaja.tiny import LLMJP_SPECIAL_TOKENS
+from megatron_kaja.tiny import LLMJP_SPECIAL_TOKENS, build_tiny_tokenizer
 
 
 def test_tokenizer_has_llmjp_special_ids_and_template(tiny_tokenizer_dir):
@@ -25,3 +25,15 @@ def test_tiny_model_loads_with_transformers(tiny_hf_gqa_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_gqa_dir)
     assert model.config.num_key_value_heads == 2
     assert not model.config.tie_word_embeddings
+
+
+def test_tiny_tokenizer_is_the_same_on_every_build(tmp_path):
+    # Everything the demo trains reads these ids: a tokenizer that changed from one build to
+    # the next (`tokenizers`' unigram trainer did) made no two demo runs alike.
+    extra = "回答できません。その理由は、危険だからです。\n日本の首都は東京です。\n"
+    first = build_tiny_tokenizer(tmp_path / "a", extra_text=extra)
+    second = build_tiny_tokenizer(tmp_path / "b", extra_text=extra)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_bytes()
+    assert first.get_vocab() == second.get_vocab()

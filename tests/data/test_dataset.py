@@ -40,14 +40,14 @@ def unpacked_samples(sources, tokenizer):
 
 
 def test_packed_rows_equal_unpacked_samples(two_sources, llmjp_tokenizer, tmp_path):
-    config = SFTDataConfig(sources=two_sources, seq_length=192, cache_dir=tmp_path / "cache")
+    config = SFTDataConfig(sources=two_sources, seq_length=256, cache_dir=tmp_path / "cache")
     dataset = build_sft_dataset(config, llmjp_tokenizer)
     expected = unpacked_samples(two_sources, llmjp_tokenizer)
     seen = []
     for row in range(len(dataset)):
         item = dataset[row]
         cu = item["cu_seqlens"].tolist()
-        assert cu[0] == 0 and cu[-1] == 192
+        assert cu[0] == 0 and cu[-1] == 256
         segments = list(itertools.pairwise(cu))
         samples = dataset.plan.row_samples(row).tolist()
         for packed, (start, end) in zip(samples, segments, strict=False):
