@@ -19,7 +19,7 @@ STEPS = 3
 SDPA = ("--transformer-impl", "sdpa", "--train-iters", str(STEPS), *EPS)
 CP2 = ("--context-parallel-size", "2")
 TP2_SP = ("--tensor-model-parallel-size", "2", "--sequence-parallel")
-# The pair data's answers are 45-51 tokens: rows of 128 hold two (their boundary inside a
+# The pair data's answers take 44-50 positions: rows of 128 hold two (their boundary inside a
 # chunk of 32).
 PACKED_IPO = ("--packing", "--loss-type", "ipo", "--seq-length", "128")
 CASES = {  # CP=2 run: the run without CP it must equal
