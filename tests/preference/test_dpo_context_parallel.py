@@ -1,7 +1,8 @@
 """train_dpo.py under context parallelism (sdpa): CP=2 equals the run without it in losses,
 rewards, gradient norms and updated weights, one answer per row and packed (ipo there, whose
 per-answer token counts are summed over the CP group too), and CP=2 x TP=2 with sequence
-parallelism equals TP=2; one 4-process launch (CP=2 x DP=2 against DP=4: the same global
+parallelism equals TP=2, CP=2 x PP=2 equals PP=2 (the stages pass [s / 2, b, h]
+activations); one 4-process launch (CP=2 x DP=2 against DP=4: the same global
 batches, CP the only change but DP's order of sums)."""
 
 import json
@@ -19,6 +20,7 @@ STEPS = 3
 SDPA = ("--transformer-impl", "sdpa", "--train-iters", str(STEPS), *EPS)
 CP2 = ("--context-parallel-size", "2")
 TP2_SP = ("--tensor-model-parallel-size", "2", "--sequence-parallel")
+PP2 = ("--pipeline-model-parallel-size", "2")
 # The pair data's answers take 44-50 positions: rows of 128 hold two (their boundary inside a
 # chunk of 32).
 PACKED_IPO = ("--packing", "--loss-type", "ipo", "--seq-length", "128")
@@ -26,6 +28,7 @@ CASES = {  # CP=2 run: the run without CP it must equal
     "cp2": "dp4",
     "cp2_packed_ipo": "dp4_packed_ipo",
     "cp2_tp2_sp": "tp2_sp",
+    "cp2_pp2": "pp2",
 }
 
 
@@ -39,6 +42,8 @@ def runs(dpo_setup, tiny_hf_dir, tmp_path_factory):  # noqa: F811
         "cp2_packed_ipo": (*PACKED_IPO, *CP2),
         "tp2_sp": TP2_SP,
         "cp2_tp2_sp": (*TP2_SP, *CP2),
+        "pp2": PP2,
+        "cp2_pp2": (*PP2, *CP2),
     }
     argvs = [
         _args(dpo_setup, tiny_hf_dir, out / name, *SDPA, *extra, "--save", str(out / name))
