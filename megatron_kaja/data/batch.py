@@ -14,6 +14,10 @@ import numpy as np
 import torch
 
 ROW_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+# Every per-token tensor (`[b, s]`) a micro-batch may carry: a packed row's fields, and in
+# preference batches the answer each position belongs to (`preference/data.py`). What feeds
+# a model in another token layout (THD, a context-parallel rank's chunks) lays out all of them.
+TOKEN_FIELDS = (*ROW_FIELDS, "sequence_ids")
 
 
 def collate_packed_rows(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

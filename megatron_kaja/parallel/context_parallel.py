@@ -6,13 +6,16 @@ A row of s tokens is cut into 2 x CP equal chunks and CP rank r keeps chunks r a
 mask an early chunk has few keys and a late one many, so every rank gets the same attention
 work. megatron-core's `RotaryEmbedding` picks the same chunks of its table for non-THD input
 (`get_pos_emb_on_this_cp_rank`), so RoPE needs nothing from us beyond the full row length.
+
+A loss that is not a sum over tokens (DPO's, of per-answer log-prob sums) needs the CP
+group's total of each rank's part first: `sum_over_context_parallel`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from megatron_kaja.data.batch import ROW_FIELDS
+from megatron_kaja.data.batch import TOKEN_FIELDS
 
 
 def zigzag_positions(
@@ -44,12 +47,29 @@ def gathered_positions(
 
 def split_batch_for_context_parallel(batch: dict, cp_size: int, cp_rank: int) -> dict:
     """This CP rank's part of a micro-batch of packed rows: its zigzag chunks of the per-token
-    tensors (tokens, labels, loss_mask, position_ids, each `[b, s]`). `cu_seqlens` and the
-    other entries describe the full rows and stay as they are: attention builds its mask over
-    the full rows from them."""
+    tensors (`TOKEN_FIELDS`: tokens, labels, loss_mask, position_ids and, in preference
+    batches, sequence_ids; each `[b, s]`). `cu_seqlens` and the other entries describe the
+    full rows (or the micro-batch) and stay as they are: attention builds its mask over the
+    full rows from them."""
     seq_length = batch["tokens"].shape[1]
     index = zigzag_positions(seq_length, cp_size, cp_rank, batch["tokens"].device)
-    return {k: v.index_select(1, index) if k in ROW_FIELDS else v for k, v in batch.items()}
+    return {k: v.index_select(1, index) if k in TOKEN_FIELDS else v for k, v in batch.items()}
+
+
+def sum_over_context_parallel(partial_sums: torch.Tensor, group) -> torch.Tensor:
+    """The CP `group`'s total of each rank's `partial_sums` (e.g. an answer's log-prob summed
+    over the rank's tokens), for a loss every CP rank then computes alike from the totals.
+
+    Backward passes the total's gradient to the local part unchanged: each rank backpropagates
+    the same loss through its own tokens only, so the ranks' parameter gradients, summed by
+    DDP over DP x CP, hold every token's contribution once. (torch.distributed.nn's
+    all_reduce sums the gradients in backward too, which would count them CP times.)
+    megatron-core's tensor-parallel reduce is this function for any group; it returns the
+    input itself (no collective) for a group of one."""
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    # (contiguous: megatron-core reduces in place a contiguous copy of what it is given)
+    return reduce_from_tensor_model_parallel_region(partial_sums.contiguous(), group=group)
 
 
 def gather_sequence(tensor: torch.Tensor, group) -> torch.Tensor:

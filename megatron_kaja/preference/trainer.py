@@ -13,6 +13,14 @@ the global batch), so the result does not depend on the DP x accumulation split.
 Log-probs are summed per answer through the batch's `sequence_ids` (`preference/data.py`),
 so a row may hold one answer or, with `--packing`, several: the micro-batch still holds
 `--micro-batch-size` pairs, and a global batch `--global-batch-size` pairs.
+
+Under context parallelism (`--context-parallel-size`, sdpa) each CP rank holds its zigzag
+chunks of the rows (`parallel/context_parallel.py`), sums its own tokens' log-probs per
+answer, and the CP group adds the parts up; every CP rank then computes the same loss of the
+whole pairs and backpropagates it through its own tokens (the reduce's backward is the
+identity), so the ranks' gradients, summed by DDP over DP x CP, make the full gradient once.
+Megatron also sums the reported pair count over DP x CP: only CP rank 0 reports its pairs.
+The logged numbers are summed over DP ranks only (each CP rank holds the same).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pydantic import Field, model_validator
 from megatron_kaja.data import parse_weighted_paths
 from megatron_kaja.models.llama.attention import AttentionBackend, attention_backend
 from megatron_kaja.models.llama.forward import token_losses
+from megatron_kaja.parallel.context_parallel import sum_over_context_parallel
 from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.preference.data import build_preference_dataset, collate_pairs, count_pairs
 from megatron_kaja.preference.losses import (
@@ -151,26 +160,40 @@ def per_answer_sums(values: torch.Tensor, sequence_ids: torch.Tensor, answers: i
     return torch.where(own, values.reshape(1, -1), 0.0).sum(dim=1)
 
 
-def _answer_logps(batch: dict, fed: dict, vocab_size: int, output_tensor: torch.Tensor):
+def _answer_logps(vocab_size: int, cp_group, batch: dict, fed: dict, output_tensor):
     """Per-answer summed log-probs and token counts of the answer tokens (chosen answers,
-    then rejected ones)."""
-    b, s = batch["tokens"].shape
-    nll = token_losses(output_tensor, fed["labels"], vocab_size).view(b, s)
-    mask, ids, answers = batch["loss_mask"], batch["sequence_ids"], 2 * batch["pairs"]
-    return per_answer_sums(-nll * mask, ids, answers), per_answer_sums(mask, ids, answers)
+    then rejected ones) of the whole rows. The per-token tensors are those fed to the model
+    (`fed`: this CP rank's chunks under context parallelism), whose parts the CP group adds
+    up."""
+    labels = fed["labels"]
+    nll = token_losses(output_tensor, labels, vocab_size).view(labels.shape)
+    mask, ids, answers = fed["loss_mask"], fed["sequence_ids"], 2 * batch["pairs"]
+    sums = torch.stack(
+        [per_answer_sums(-nll * mask, ids, answers), per_answer_sums(mask, ids, answers)]
+    )
+    sums = sum_over_context_parallel(sums, cp_group)
+    return sums[0], sums[1]
 
 
-def _reference_loss_func(vocab_size: int, batch: dict, fed: dict, output_tensor: torch.Tensor):
-    logps, _ = _answer_logps(batch, fed, vocab_size, output_tensor)
+def _reference_loss_func(vocab_size: int, cp_group, batch: dict, fed: dict, output_tensor):
+    logps, _ = _answer_logps(vocab_size, cp_group, batch, fed, output_tensor)
     one = torch.ones((), dtype=torch.int, device=output_tensor.device)
     return output_tensor.sum() * 0.0, one, {"logps": logps.detach()}
 
 
 def _policy_loss_func(
-    vocab_size: int, cfg: DPOConfig, nll_scale: float, batch: dict, fed: dict, output_tensor
+    vocab_size: int,
+    cp_group,
+    cfg: DPOConfig,
+    nll_scale: float,
+    reports_pairs: bool,
+    batch: dict,
+    fed: dict,
+    output_tensor,
 ):
-    """Pairs' summed loss and their count (megatron divides by the global batch's pairs)."""
-    logps, tokens = _answer_logps(batch, fed, vocab_size, output_tensor)
+    """Pairs' summed loss and their count (megatron divides by the global batch's pairs,
+    summed over DP x CP: `reports_pairs` on one CP rank of each DP rank only)."""
+    logps, tokens = _answer_logps(vocab_size, cp_group, batch, fed, output_tensor)
     m = batch["pairs"]
     ref = batch["ref_logps"]
     pairs = AnswerLogps(logps[:m], logps[m:], ref[:m], ref[m:], tokens[:m], tokens[m:])
@@ -181,7 +204,8 @@ def _policy_loss_func(
     stats = reward_stats(pairs, cfg.beta)
     stats.update(loss=loss.detach(), sft_nll=chosen_nll.detach(), pairs=torch.tensor(float(m)))
     row = torch.stack([stats[k].double().cpu().reshape(()) for k in STATS])
-    return loss, torch.tensor(m, dtype=torch.int, device=loss.device), {"stats": row}
+    counted = torch.tensor(m if reports_pairs else 0, dtype=torch.int, device=loss.device)
+    return loss, counted, {"stats": row}
 
 
 def _forward_step(attention: AttentionBackend, loss_func, data_iterator, model):
@@ -216,8 +240,6 @@ class DPOTrainer(Trainer):
     settings = DPOConfig
     per_token_loss = True  # "tokens" are pairs here: see the module docstring
     logger = logger
-    # the pair batches are not cut into 2 x CP chunks per sample yet
-    rows_without_context_parallel = "DPO's pair rows"
 
     def prepare(self, run: Run) -> int:
         cfg = run.cfg
@@ -275,7 +297,8 @@ class DPOTrainer(Trainer):
             f"{cfg.gradient_accumulation_steps(self.dp)} micro-batches of "
             f"{cfg.micro_batch_size} pairs per DP rank per step"
             f"{' (answers packed into rows)' if cfg.packing else ''}, DP={self.dp} "
-            f"TP={cfg.tensor_model_parallel_size} PP={cfg.pipeline_model_parallel_size}; "
+            f"TP={cfg.tensor_model_parallel_size} PP={cfg.pipeline_model_parallel_size}"
+            f"{f' CP={cfg.context_parallel_size}' if cfg.context_parallel_size > 1 else ''}; "
             f"{cfg.loss_type} loss, beta {cfg.beta}, reference {self.ref_source}"
         )
 
@@ -286,11 +309,11 @@ class DPOTrainer(Trainer):
 
         cfg = run.cfg
         micro_batches = [device_batch(mb) for mb in micro_batches]
-        vocab = run.arch.vocab_size
+        vocab, cp_group = run.arch.vocab_size, ps.get_context_parallel_group()
         with torch.no_grad():
             refs = _schedule(
                 self.ref_chunks, micro_batches, self.attention, cfg.seq_length, True,
-                partial(_reference_loss_func, vocab),
+                partial(_reference_loss_func, vocab, cp_group),
             )  # fmt: skip
         last_stage = ps.is_pipeline_last_stage()
         if last_stage:  # only the last stage computes log-probs, and needs them
@@ -312,7 +335,10 @@ class DPOTrainer(Trainer):
             stack.set_train(False)
         outputs = _schedule(
             stack.ddp_chunks, micro_batches, self.attention, cfg.seq_length, forward_only,
-            partial(_policy_loss_func, vocab, cfg, nll_scale),
+            partial(
+                _policy_loss_func, vocab, cp_group, cfg, nll_scale,
+                ps.get_context_parallel_rank() == 0,
+            ),
         )  # fmt: skip
         stack.set_train(True)
         totals = torch.zeros(len(STATS), dtype=torch.float64)
@@ -422,7 +448,9 @@ class DPOTrainer(Trainer):
         accumulation = cfg.gradient_accumulation_steps(dp)
         report.add(
             f"layout: TP={cfg.tensor_model_parallel_size} x PP="
-            f"{cfg.pipeline_model_parallel_size} x DP={dp}; micro-batch {cfg.micro_batch_size} "
+            f"{cfg.pipeline_model_parallel_size} x DP={dp}"
+            f"{f' x CP={cfg.context_parallel_size}' if cfg.context_parallel_size > 1 else ''}"
+            f"; micro-batch {cfg.micro_batch_size} "
             f"pairs (= {'at most ' if cfg.packing else ''}{2 * cfg.micro_batch_size} rows "
             f"of {cfg.seq_length} tokens{', packed' if cfg.packing else ''}) x "
             f"{accumulation} accumulation steps x DP {dp} = global batch "

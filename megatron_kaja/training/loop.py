@@ -214,11 +214,6 @@ class Trainer:
     # normalizes itself (gradients averaged over data-parallel ranks): see build_training_stack.
     per_token_loss: ClassVar[bool] = True
     logger: ClassVar[logging.Logger] = logger
-    # What this trainer's rows are, when its step does not split them over context-parallel
-    # ranks (SFT's packed rows are split by the sdpa attention backend; DPO's pair rows and
-    # GRPO's rollouts are not): `--context-parallel-size > 1` is then refused before anything
-    # starts.
-    rows_without_context_parallel: ClassVar[str | None] = None
 
     def check_extras(self, cfg) -> None:
         """Optional packages this run needs, imported before any compute."""
@@ -268,11 +263,6 @@ def run_training(cfg: RunSettings, trainer: Trainer) -> dict:
     if cfg.optimizer != "adam":
         require("bitsandbytes", f"--optimizer {cfg.optimizer}")  # before any compute
     check_scale_extras(cfg)  # transformer-engine for --fp8-format
-    if cfg.context_parallel_size > 1 and trainer.rows_without_context_parallel:
-        raise ConfigError(
-            f"--context-parallel-size > 1: {trainer.rows_without_context_parallel} are not "
-            "split over context-parallel ranks (pretrain_sft.py's packed rows are)"
-        )
     trainer.check_extras(cfg)
     layout = initialize_model_parallel(
         cfg.tensor_model_parallel_size,

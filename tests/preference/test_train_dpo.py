@@ -19,6 +19,9 @@ BF16_STEPS = 4
 # (~1e-5 at eps 1e-8). The packed-vs-unpacked weight check uses eps 1e-4 so that what is
 # compared is float32 rounding, not its magnification.
 EPS = ("--adam-eps", "1e-4")
+# The packing comparisons' rows: the test pairs' answers take 44-50 positions, so rows of 96
+# hold two answers of up to 48 (a micro-batch of 2 pairs packs into 2, 3 or 4 rows).
+PACK = ("--seq-length", "96", *EPS)
 TOPICS = ["爆弾", "毒物", "銃", "詐欺", "盗聴", "薬物", "放火", "誘拐", "偽札", "ハッキング"]
 
 
@@ -77,9 +80,9 @@ def runs(dpo_setup, tiny_hf_dir, tmp_path_factory):
         a("learn", "--train-iters", "24", "--valid-data", str(dpo_setup / "valid.jsonl"),
           "--eval-interval", "6", "--lr", "3e-3", "--lr-decay-style", "constant"),
         a("ipo", "--loss-type", "ipo", "--train-iters", "2"),
-        a("unpacked", *EPS, "--save", str(out / "unpacked")),
-        a("packed", "--packing", *EPS, "--save", str(out / "packed")),
-        a("sdpa_packed", "--packing", *EPS, "--transformer-impl", "sdpa"),
+        a("unpacked", *PACK, "--save", str(out / "unpacked")),
+        a("packed", "--packing", *PACK, "--save", str(out / "packed")),
+        a("sdpa_packed", "--packing", *PACK, "--transformer-impl", "sdpa"),
     ]  # fmt: skip
     run_torchrun(WORKER, 1, json.dumps([{"entry": "dpo", "argv": r} for r in single]))
     dopt = ("--use-distributed-optimizer",)
@@ -89,9 +92,9 @@ def runs(dpo_setup, tiny_hf_dir, tmp_path_factory):
         a("tp2", "--tensor-model-parallel-size", "2"),
         a("dp2", *dopt),
         a("pp2", "--pipeline-model-parallel-size", "2"),
-        a("dp2_packed", "--packing", *EPS, *dopt, "--save", str(out / "dp2_packed")),
-        # packed micro-batches of 3 and 4 rows: evened out for the pipeline's fixed shapes
-        a("pp2_packed", "--packing", *EPS, "--pipeline-model-parallel-size", "2"),
+        a("dp2_packed", "--packing", *PACK, *dopt, "--save", str(out / "dp2_packed")),
+        # packed micro-batches of 2 to 4 rows: evened out for the pipeline's fixed shapes
+        a("pp2_packed", "--packing", *PACK, "--pipeline-model-parallel-size", "2"),
         a("bf16", *bf16, "--save", str(out / "bf16")),
         a("bf16_part1", *bf16, *bf16_resumed, "--exit-interval", "2"),
         a("bf16_resumed", *bf16, *bf16_resumed),

@@ -1,7 +1,7 @@
 """Context parallelism (`--context-parallel-size`) on the sdpa backend: CP=2 equals the run
 without it in losses and updated weights, alone, with TP=2 and sequence parallelism, and with
-PP=2 (cp_worker.py, one 4-process launch); a CP=2 checkpoint resumes at CP=1; the backends and
-trainers that cannot split rows refuse it in one line, exit 2, before any compute."""
+PP=2 (cp_worker.py, one 4-process launch); a CP=2 checkpoint resumes at CP=1; the backends
+that cannot split rows and GRPO refuse it in one line, exit 2, before any compute."""
 
 import json
 
@@ -76,15 +76,10 @@ def test_row_length_must_split_into_two_chunks_per_cp_rank(caplog):
     assert caplog.messages[-1] == "--context-parallel-size 2 needs --seq-length 4098 divisible by 4"
 
 
-def test_dpo_and_grpo_still_refuse_context_parallelism(caplog):
-    from megatron_kaja.preference.trainer import main as dpo_main
+def test_grpo_still_refuses_context_parallelism(caplog):
+    # (DPO splits its pair rows: tests/preference/test_dpo_context_parallel.py)
     from megatron_kaja.rl.trainer import main as grpo_main
 
-    assert dpo_main([*BASE, "--train-data", "nowhere/p.jsonl"]) == 2
-    assert caplog.messages[-1] == (
-        "--context-parallel-size > 1: DPO's pair rows are not split over context-parallel "
-        "ranks (pretrain_sft.py's packed rows are)"
-    )
     assert grpo_main([*BASE, "--prompts", "nowhere/p.jsonl:safety", "--reward", "length"]) == 2
     assert caplog.messages[-1].endswith(
         "--context-parallel-size: not supported by train_grpo.py (the sampler does not split "

@@ -100,20 +100,6 @@ def test_transformer_engine_settings_are_refused_without_it_naming_the_extra():
     check_scale_extras(load_config([*BASE, "--context-parallel-size", "2"]))
 
 
-def test_context_parallel_is_refused_where_rows_are_not_split(monkeypatch):
-    # The extras pass; DPO's pair rows still cannot be split over CP ranks, which the
-    # skeleton refuses before any process group starts. (SFT's packed rows are split on the
-    # sdpa backend: tests/training/test_context_parallel.py.)
-    from megatron_kaja.preference.trainer import DPOConfig, DPOTrainer
-    from megatron_kaja.training import loop
-
-    argv = ["--load", "m", "--tokenizer", "tok", "--train-data", "p.jsonl"]
-    cfg = load_config([*argv, "--context-parallel-size", "2"], DPOConfig)
-    monkeypatch.setattr(loop, "check_scale_extras", lambda cfg: None)
-    with pytest.raises(ConfigError, match="--context-parallel-size > 1: DPO's pair"):
-        loop.run_training(cfg, DPOTrainer())
-
-
 def test_grpo_refuses_what_its_sampler_cannot_take():
     from megatron_kaja.rl.run_config import GRPORunConfig
     from megatron_kaja.training.settings import load_config as load_settings

@@ -20,9 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
-# the per-token tensors of a packed batch (what a loss reads besides the logits)
-TOKEN_FIELDS = ("tokens", "position_ids", "labels", "loss_mask")
-
 
 class AttentionBackend:
     """One attention backend: its layer spec and its way of feeding packed rows."""
@@ -114,8 +111,9 @@ class SDPAAttentionBackend(AttentionBackend):
 
     Under context parallelism each rank feeds its zigzag chunks of the rows
     (`parallel/context_parallel.py`) with the full rows' `cu_seqlens`, and returns that part of
-    the batch: the loss reads the rank's labels and mask. The pipeline schedule divides the
-    row length by CP itself (megatron-core's `get_tensor_shapes`).
+    the batch: the loss reads the rank's labels and mask (and answer numbers, in DPO). The
+    pipeline schedule divides the row length by CP itself (megatron-core's
+    `get_tensor_shapes`).
     """
 
     def layer_spec(self):
@@ -169,8 +167,10 @@ class TransformerEngineAttention(AttentionBackend):
     def forward(self, model, batch: dict):
         from megatron.core.packed_seq_params import PackedSeqParams
 
+        from megatron_kaja.data.batch import TOKEN_FIELDS
+
         b, s = batch["tokens"].shape
-        flat = {k: batch[k].reshape(1, b * s) for k in TOKEN_FIELDS}
+        flat = {k: batch[k].reshape(1, b * s) for k in TOKEN_FIELDS if k in batch}
         max_seqlen = int(batch["max_seqlen"])
         params = PackedSeqParams(
             qkv_format="thd",
