@@ -209,7 +209,9 @@ def stage_last_token_logits(model, tokens, valid, inference_context=None):
     `inference_context` per chunk (or None): they run in turn, each between its neighbours
     in layer order (chunk v of the last stage hands over to chunk v + 1 of the first)."""
     chunks = model_chunks(model)
-    contexts = inference_context if isinstance(inference_context, list) else [inference_context]
+    contexts = inference_context
+    if not isinstance(contexts, list):
+        contexts = [inference_context] * len(chunks)  # None (no KV cache), or one chunk's
     logits = None
     for chunk, context in zip(chunks, contexts, strict=True):
         logits = _chunk_last_token_logits(chunk, tokens, valid, context)

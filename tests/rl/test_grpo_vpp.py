@@ -133,5 +133,6 @@ def test_interleaved_pipeline_overlap_equals_blocking(overlap_runs, case):
     other = _weights(overlap_runs / plain / f"iter_{STEPS:07d}")
     assert all(not torch.equal(other[k], start[k]) for k in start)
     weight_diff = max(float((mine[k] - other[k]).abs().max()) for k in start)
-    print(f"{case} vs {plain}: max weight diff {weight_diff:.2g}")
+    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs, strict=True))
+    print(f"{case} vs {plain}: max loss diff {loss_diff:.2g}, max weight diff {weight_diff:.2g}")
     assert weight_diff <= 1e-6
