@@ -24,7 +24,7 @@ and `ok`) and `OUT/gpu_check.log` (each step's command and output). Checks, in o
    first loss within FP8 tolerance of bf16's, tokens/s and MFU; skipped, saying why, without
    transformer-engine or an FP8 GPU), and on 2 devices (skipped, saying so, on one GPU)
    `sequence_parallel` (SFT and GRPO at TP=2, with vs without, peak memory of each),
-   `virtual_pipeline` (SFT at PP=2 with 2 model chunks per stage vs without) and
+   `virtual_pipeline` (SFT and GRPO at PP=2 with 2 model chunks per stage vs without) and
    `context_parallel` (SFT at CP=2 on sdpa vs DP=2 on sdpa, peak memory of each).
 `--cpu` shrinks every size so CI proves the script end to end (its figures mean nothing);
 there the 2-device settings run as 2 CPU processes.
@@ -391,10 +391,18 @@ def check_scale(log: Log, work: Path, data: dict, size: dict, cpu: bool) -> dict
         chunks = ("--num-layers-per-virtual-pipeline-stage", str(size["layers"] // 4))
         ok_a, one_chunk = sft_run(log, work, data, size, "pp2", *pp2, **two)
         ok_b, two_chunks = sft_run(log, work, data, size, "pp2_vpp2", *pp2, *chunks, **two)
+        # GRPO alike: the sampler walks the chunks in layer order, the passes interleave.
+        ok_c, g_one, _ = grpo_run(log, work, data, size, "pp2", *pp2, processes=2)
+        ok_d, g_two, _ = grpo_run(log, work, data, size, "pp2_vpp2", *pp2, *chunks, processes=2)
         diff = _loss_diff(two_chunks, one_chunk, relative=True)
+        grpo_diff = _loss_diff(g_two, g_one)
         result["virtual_pipeline"] = dict(
-            ok=ok_a and ok_b and diff <= SCALE_LOSS_RTOL, max_loss_rel_diff=diff,
-            tol=SCALE_LOSS_RTOL, interleaved=_speed(two_chunks), one_chunk=_speed(one_chunk),
+            ok=all((ok_a, ok_b, ok_c, ok_d)) and diff <= SCALE_LOSS_RTOL
+            and grpo_diff <= SCALE_LOSS_RTOL,
+            max_loss_rel_diff=diff, grpo_max_loss_diff=grpo_diff, tol=SCALE_LOSS_RTOL,
+            grpo_losses=[m["loss"] for m in g_two],
+            grpo_grad_norms=[m["grad_norm"] for m in g_two],
+            interleaved=_speed(two_chunks), one_chunk=_speed(one_chunk),
         )  # fmt: skip
         # CP=2 x DP=1 against DP=2, both on sdpa: each rank its two chunks of every row and
         # the gathered K / V (the masked kernel) vs whole rows (varlen flash on the GPU).

@@ -20,7 +20,6 @@ _D = GRPOConfig  # its class attributes are the algorithm's defaults
 # The scale settings GRPO cannot take yet, and why: the builtin sampler decodes one token at
 # a time, passing each step's activations from stage to stage (docs/scale.md, GRPO).
 GRPO_UNSUPPORTED_SCALE = {
-    "num_layers_per_virtual_pipeline_stage": "the sampler passes one model chunk per rank",
     "context_parallel_size": "the sampler does not split sequences over ranks",
     "fp8_format": "the sampler's one-token GEMMs do not meet FP8's shape rules",
 }
@@ -111,6 +110,11 @@ class GRPORunConfig(RunSettings):
 
     def batch_unit(self) -> int:
         return self.num_generations
+
+    def check_micro_batches(self, micro_batches: int) -> None:
+        """No rule on the count: a GRPO step's micro-batches follow from its rollouts (dynamic
+        sampling drops groups), and under an interleaved pipeline the step fills the last
+        group of PP with empty ones (`rl.step.interleaved_micro_batch_count`)."""
 
     @model_validator(mode="after")
     def _grpo_consistent(self) -> GRPORunConfig:

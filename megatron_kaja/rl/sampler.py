@@ -34,6 +34,13 @@ Pipeline parallelism: every stage keeps its own KV cache; at each step a stage r
 previous stage's hidden states for the new positions, runs its layers and sends its output
 on; the last stage samples and broadcasts the new tokens (and their log-probs) to the
 pipeline group, so every stage holds the same sequences and all stop together.
+
+Interleaved pipeline (`--num-layers-per-virtual-pipeline-stage`): each rank holds several
+model chunks, chunk v of stage s holding the layers of virtual stage v x PP + s. A decode
+step visits them in layer order, chunk 0 of every stage, then chunk 1 of every stage, ...:
+each chunk receives from the previous rank (a first stage's later chunk from the last
+stage, whose previous chunk it continues) and sends to the next, and keeps a KV cache of
+its own.
 """
 
 from __future__ import annotations
@@ -121,6 +128,18 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device=None):
     return ids, mask
 
 
+def model_chunks(model) -> list:
+    """This rank's model chunks: `model` itself, or the list of them under an interleaved
+    pipeline (in the order megatron-core builds them, chunk v = virtual stage v)."""
+    return list(model) if isinstance(model, list | tuple) else [model]
+
+
+def holds_whole_model(model) -> bool:
+    """Whether this rank's chunks are the whole model (no pipeline stages to pass between)."""
+    chunks = model_chunks(model)
+    return len(chunks) == 1 and chunks[0].pre_process and chunks[0].post_process
+
+
 @contextlib.contextmanager
 def _hidden_states_only(model):
     """GPTModel.forward returns final-norm hidden states `[s, b, h]` instead of logits."""
@@ -140,11 +159,12 @@ _SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "reduce_scatter_embeddings")
 
 @contextlib.contextmanager
 def sequence_parallel_off(model):
-    """Run `model` without sequence parallelism inside the block, and restore every switch
-    as it was afterwards: its config objects' `sequence_parallel` (read by the embedding,
-    RoPE and the transformer block at forward time) and the copies its modules took."""
+    """Run `model` (a module, or a list of chunks) without sequence parallelism inside the
+    block, and restore every switch as it was afterwards: its config objects'
+    `sequence_parallel` (read by the embedding, RoPE and the transformer block at forward
+    time) and the copies its modules took."""
     saved = []
-    for module in model.modules():
+    for module in (m for chunk in model_chunks(model) for m in chunk.modules()):
         config = getattr(module, "config", None)
         if getattr(config, "sequence_parallel", False):
             saved.append((config, "sequence_parallel", True))
@@ -183,7 +203,23 @@ def last_token_logits(model, tokens, valid, inference_context=None) -> torch.Ten
 
 def stage_last_token_logits(model, tokens, valid, inference_context=None):
     """`last_token_logits` for this rank's pipeline stage: a non-first stage takes its input
-    from the previous stage, a non-last stage sends its output on and returns None."""
+    from the previous stage, a non-last stage sends its output on and returns None.
+
+    `model` may be the list of this rank's chunks (interleaved pipeline), with one
+    `inference_context` per chunk (or None): they run in turn, each between its neighbours
+    in layer order (chunk v of the last stage hands over to chunk v + 1 of the first)."""
+    chunks = model_chunks(model)
+    contexts = inference_context
+    if not isinstance(contexts, list):
+        contexts = [inference_context] * len(chunks)  # None (no KV cache), or one chunk's
+    logits = None
+    for chunk, context in zip(chunks, contexts, strict=True):
+        logits = _chunk_last_token_logits(chunk, tokens, valid, context)
+    return logits
+
+
+def _chunk_last_token_logits(model, tokens, valid, inference_context):
+    """One model chunk's part of `stage_last_token_logits`."""
     if model.pre_process and model.post_process:
         return last_token_logits(model, tokens, valid, inference_context)
     from megatron.core import parallel_state as ps
@@ -193,6 +229,9 @@ def stage_last_token_logits(model, tokens, valid, inference_context=None):
         hidden = torch.empty(
             (s, b, model.config.hidden_size), dtype=model.config.params_dtype, device=tokens.device
         )
+        # The previous rank in the pipeline group, wrapping around from the first stage to
+        # the last (megatron-core's rank arithmetic is modulo PP): a first stage's later chunk
+        # continues from the last stage's previous chunk.
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
     if model.post_process:
@@ -211,7 +250,7 @@ def stage_last_token_logits(model, tokens, valid, inference_context=None):
 
 def _share_from_last_stage(model, ids: torch.Tensor, logprobs: torch.Tensor):
     """The last pipeline stage's sampled ids and log-probs, on every stage."""
-    if model.pre_process and model.post_process:
+    if holds_whole_model(model):
         return ids, logprobs
     from megatron.core import parallel_state as ps
 
@@ -352,7 +391,8 @@ def generate(
     generator: SamplingGenerator = None,
     use_kv_cache: bool = True,
 ) -> Generation:
-    """Sample a response to each prompt (token ids) with this rank's stage of `model`.
+    """Sample a response to each prompt (token ids) with this rank's stage of `model` (a
+    GPTModel, or the list of this rank's chunks under an interleaved pipeline).
 
     Every tensor-parallel rank must call this with the same prompts and an identically
     seeded `generator` (data-parallel ranks: different prompts or seeds); a list of
@@ -371,23 +411,29 @@ def generate(
     valid = torch.cat([prompt_mask, torch.zeros_like(tokens[:, width:], dtype=torch.bool)], dim=1)
     logprobs = torch.zeros((b, params.max_new_tokens), device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    context = StaticInferenceContext(b, total) if use_kv_cache else None
-    was_training = model.training
-    model.eval()
+    chunks = model_chunks(model)
+    # One KV cache per chunk: each holds its own layers' keys and values.
+    contexts = [StaticInferenceContext(b, total) if use_kv_cache else None for _ in chunks]
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
     steps = 0
-    with sequence_parallel_off(model):
+    with sequence_parallel_off(chunks):
         try:
             for step in range(params.max_new_tokens):
                 end = width + step
-                if context is None:
-                    logits = stage_last_token_logits(model, tokens[:, :end], valid[:, :end])
+                if not use_kv_cache:
+                    logits = stage_last_token_logits(
+                        chunks, tokens[:, :end], valid[:, :end], inference_context=contexts
+                    )
                 else:
                     start = 0 if step == 0 else end - 1
                     logits = stage_last_token_logits(
-                        model, tokens[:, start:end], valid[:, :end], inference_context=context
+                        chunks, tokens[:, start:end], valid[:, :end], inference_context=contexts
                     )
-                    context.sequence_len_offset = end
-                    context.enable_decode_mode()
+                    for context in contexts:
+                        context.sequence_len_offset = end
+                        context.enable_decode_mode()
                 if logits is not None:  # the last pipeline stage samples
                     ids, lp = sample_next_token(
                         logits, params, vocab_size=vocab_size, generator=generator
@@ -396,7 +442,7 @@ def generate(
                 else:
                     ids = torch.empty(b, dtype=torch.long, device=device)
                     lp = torch.empty(b, dtype=torch.float32, device=device)
-                ids, lp = _share_from_last_stage(model, ids, lp)
+                ids, lp = _share_from_last_stage(chunks, ids, lp)
                 tokens[:, end] = torch.where(finished, torch.full_like(ids, pad_token_id), ids)
                 valid[:, end] = ~finished
                 logprobs[:, step] = torch.where(finished, torch.zeros_like(lp), lp)
@@ -405,7 +451,8 @@ def generate(
                 if bool(finished.all()):  # same tokens on every TP rank: all ranks stop together
                     break
         finally:
-            model.train(was_training)
+            for chunk, mode in zip(chunks, was_training, strict=True):
+                chunk.train(mode)
     return Generation(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

@@ -5,7 +5,9 @@ The trainer (`train_grpo.py`) owns the loop, the megatron optimizer and its sche
 checkpoints and the metrics file; this function owns what happens inside one step and
 returns its metrics. It works at any tensor- and pipeline-parallel size (with several
 stages the builtin sampler passes activations stage to stage, and the log-prob and update
-passes go through megatron-core's pipeline schedule).
+passes go through megatron-core's pipeline schedule). Under an interleaved pipeline `model`
+(and the reference) is the list of this rank's model chunks: the sampler visits them in
+layer order and the schedule is megatron-core's interleaved 1F1B.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from megatron_kaja.rl.advantages import compute_advantages
 from megatron_kaja.rl.config import GRPOConfig
 from megatron_kaja.rl.losses import clipped_policy_loss, loss_aggregation, token_logprobs
 from megatron_kaja.rl.rollout import PromptRecord, RolloutBatch, RolloutSeeds, collect_rollouts
-from megatron_kaja.rl.sampler import Generation, SamplingParams, causal_padding_mask
+from megatron_kaja.rl.sampler import (
+    Generation,
+    SamplingParams,
+    causal_padding_mask,
+    holds_whole_model,
+    model_chunks,
+)
 
 
 @contextmanager
@@ -38,7 +46,7 @@ def _timed(metrics: dict, name: str):
 def sequence_multiple(model) -> int:
     """What the length of the rows `model` takes must divide by: the TP size under sequence
     parallelism (each TP rank holds 1 / TP of the sequence between the parallel regions)."""
-    config = model.config
+    config = model_chunks(model)[0].config
     return config.tensor_model_parallel_size if config.sequence_parallel else 1
 
 
@@ -76,10 +84,6 @@ def _micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _single_stage(model) -> bool:
-    return model.pre_process and model.post_process
-
-
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.cat(parts) if parts else None
 
@@ -96,12 +100,13 @@ def run_micro_batches(
     """Each micro-batch's response log-probs (`loss_of` None; call under no_grad), or its
     `loss_of(rows, logp) -> (loss, info)` backpropagated, returning the infos.
 
-    One pipeline stage: plain forwards. Several: megatron-core's pipeline schedule (1F1B),
-    whose activations travel between stages; results exist on the last stage only (other
-    stages get an empty list).
+    One pipeline stage: plain forwards. Several: megatron-core's pipeline schedule (1F1B, or
+    interleaved 1F1B when `model` is a list of chunks), whose activations travel between
+    stages; results exist on the last stage only (other stages get an empty list).
     """
     kw = dict(temperature=temperature, vocab_size=vocab_size)
-    if _single_stage(model):
+    if holds_whole_model(model):
+        model = model_chunks(model)[0]
         # megatron DDP's `no_sync` (the training stack sets it as the config's no_sync_func)
         # around every backward but the last, as megatron-core's own schedule does: with
         # --overlap-grad-reduce a bucket's reduce starts from the backward hooks once its
@@ -120,16 +125,33 @@ def run_micro_batches(
                     loss.backward()
                 results.append(info)
         return results
-    return _pipeline_micro_batches(model, gen, slices, loss_of, **kw)
+    return _pipeline_micro_batches(model_chunks(model), gen, slices, loss_of, **kw)
 
 
-def _pipeline_micro_batches(model, gen, slices, loss_of, *, temperature, vocab_size) -> list:
+def interleaved_micro_batch_count(count: int, pipeline_size: int) -> int:
+    """The micro-batches the interleaved schedule runs for `count` of them: megatron-core
+    0.16.1 takes them in groups of PP per chunk (`microbatch_group_size_per_vp_stage`'s
+    default) and needs a whole number of groups, so the count is rounded up to a multiple
+    of PP. A step's count varies (dynamic sampling drops groups), so it cannot be fixed by
+    the batch settings as SFT's is."""
+    return max(1, math.ceil(count / pipeline_size)) * pipeline_size
+
+
+def _pipeline_micro_batches(chunks, gen, slices, loss_of, *, temperature, vocab_size) -> list:
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    n = gen.response_ids.size(0)
+    if len(chunks) > 1:
+        # Empty micro-batches (rows n:n) fill the last group: they run on copies of the last
+        # row (below) and their loss is a zero that keeps the graph for the backward.
+        pp = ps.get_pipeline_model_parallel_world_size()
+        count = interleaved_micro_batch_count(len(slices), pp)
+        slices = slices + [slice(n, n)] * (count - len(slices))
     # The schedule sends [seq, micro-batch, hidden] tensors of one shape: a short last
     # micro-batch is filled up with copies of its last row, which no loss reads.
-    n, size = gen.response_ids.size(0), max(s.stop - s.start for s in slices)
-    tokens, valid = forward_inputs(gen, slice(0, n), sequence_multiple(model))
+    size = max(s.stop - s.start for s in slices)
+    tokens, valid = forward_inputs(gen, slice(0, n), sequence_multiple(chunks))
     if len(slices) * size > n:
         extra = len(slices) * size - n
         tokens = torch.cat([tokens, tokens[-1:].expand(extra, -1)])
@@ -144,6 +166,8 @@ def _pipeline_micro_batches(model, gen, slices, loss_of, *, temperature, vocab_s
         output = stage(tokens[padded], positions, causal_padding_mask(valid[padded]))
 
         def loss_func(logits):
+            if rows.stop == rows.start:  # an empty micro-batch that fills a group
+                return logits.sum() * 0.0, {}
             real = logits[: rows.stop - rows.start, width - 1 : length]
             logp = token_logprobs(real, gen.response_ids[rows], **kw)
             if loss_of is None:
@@ -158,13 +182,15 @@ def _pipeline_micro_batches(model, gen, slices, loss_of, *, temperature, vocab_s
         return output, loss_func
 
     kw = dict(temperature=temperature, vocab_size=vocab_size)
-    config = model.config
+    config = chunks[0].config  # the schedule reads the first chunk's
     finalize, config.finalize_model_grads_func = config.finalize_model_grads_func, None
+    # Under an interleaved pipeline every chunk reads each micro-batch's rows (as SFT's).
+    iterators = [iter(slices) for _ in chunks]
     try:  # gradients are finalized by the optimizer step, as with one stage
         get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter(slices),
-            model=[model],
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=chunks,
             num_microbatches=len(slices),
             seq_length=tokens.size(1),
             micro_batch_size=size,
@@ -177,7 +203,7 @@ def _pipeline_micro_batches(model, gen, slices, loss_of, *, temperature, vocab_s
 
 def _from_last_stage(model, values: dict) -> dict:
     """The last pipeline stage's `values` on every stage."""
-    if _single_stage(model):
+    if holds_whole_model(model):
         return values
     from megatron.core import parallel_state as ps
 
@@ -211,12 +237,14 @@ def grpo_step(
     """One GRPO step on `config.prompts_per_step` prompts (or `num_prompts`) drawn from
     `prompts`; returns the step's metrics.
 
-    `ref_model`: the frozen reference (None when `config.beta == 0`). `optimizer`: anything
-    with `zero_grad()` and `step()` (the megatron optimizer in the trainer, torch AdamW in
-    the benchmark); a megatron-DDP-wrapped model has its gradients synchronized before the
-    step. `decode` turns response ids into the text the reward reads. `engine` samples the
-    rollouts (`megatron_kaja.rl.engines`; default: the builtin sampler on `model`) and must
-    hold the current weights; it is put to sleep before the update.
+    `model`: this rank's pipeline stage, or the list of its chunks under an interleaved
+    pipeline (`ref_model` then too). `ref_model`: the frozen reference (None when
+    `config.beta == 0`). `optimizer`: anything with `zero_grad()` and `step()` (the megatron
+    optimizer in the trainer, torch AdamW in the benchmark); a megatron-DDP-wrapped model
+    has its gradients synchronized before the step. `decode` turns response ids into the
+    text the reward reads. `engine` samples the rollouts (`megatron_kaja.rl.engines`;
+    default: the builtin sampler on `model`) and must hold the current weights; it is put to
+    sleep before the update.
 
     Sampling randomness: `seeds` gives every completion its own stream, keyed by the prompt's
     place in the step's global batch, so a step samples the same completions at any
@@ -264,13 +292,17 @@ def grpo_step(
     slices = _micro_batches(n, config.micro_batch_size)
     kw = dict(temperature=config.temperature, vocab_size=vocab_size)
     with _timed(metrics, "t_logprob"), torch.no_grad():
-        was_training = model.training
-        model.eval()
+        chunks = model_chunks(model)
+        was_training = [chunk.training for chunk in chunks]
+        for chunk in chunks:
+            chunk.eval()
         old = _cat(run_micro_batches(model, gen, slices, **kw))
-        model.train(was_training)
+        for chunk, mode in zip(chunks, was_training, strict=True):
+            chunk.train(mode)
         ref = None
         if config.beta > 0:
-            ref_model.eval()
+            for chunk in model_chunks(ref_model):
+                chunk.eval()
             ref = _cat(run_micro_batches(ref_model, gen, slices, **kw))
     # The step's normalizer counts the whole global batch (every micro-batch on every
     # data-parallel rank). Data-parallel gradients are averaged, so each rank divides by its
@@ -315,8 +347,9 @@ def grpo_step(
             for info in run_micro_batches(model, gen, slices, loss_of=loss_of, **kw):
                 for key in totals:
                     totals[key] += info[key] / config.num_iterations
-            if hasattr(model, "finish_grad_sync"):
-                model.finish_grad_sync()
+            for chunk in model_chunks(model):
+                if hasattr(chunk, "finish_grad_sync"):
+                    chunk.finish_grad_sync()
             optimizer.step()
     drift = math.nan
     if old is not None:

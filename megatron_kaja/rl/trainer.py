@@ -16,7 +16,7 @@ from megatron_kaja.data.readers import read_records
 from megatron_kaja.data.records import DataFormatError
 from megatron_kaja.data.sources import DataSource
 from megatron_kaja.extras import require
-from megatron_kaja.models.llama.model import build_gpt_model
+from megatron_kaja.models.llama.model import build_model_chunks
 from megatron_kaja.parallel.distributed import compute_device
 from megatron_kaja.rl.engines import EngineSettings, build_rollout_engine
 from megatron_kaja.rl.rollout import PromptRecord, RolloutSeeds, prompt_record
@@ -137,7 +137,7 @@ class _MegatronOptimizerStep:
         self.grad_norm = float("nan")
 
     def zero_grad(self) -> None:
-        self.stack.ddp.zero_grad_buffer()
+        self.stack.zero_grad_buffers()
         self.stack.optimizer.zero_grad()
 
     def step(self) -> None:
@@ -179,6 +179,13 @@ def _mean_over_data_parallel(metrics: dict) -> dict:
     return merge_rank_metrics(per_rank)
 
 
+def policy_model(stack):
+    """The policy as `grpo_step` and the rollout engine take it: this rank's GPTModel, or the
+    list of its chunks under an interleaved pipeline."""
+    chunks = stack.model_chunks
+    return chunks[0] if len(chunks) == 1 else chunks
+
+
 class GRPOTrainer(Trainer):
     """`train_grpo.py`: rollouts from the policy, judge rewards, clipped loss + KL."""
 
@@ -215,7 +222,9 @@ class GRPOTrainer(Trainer):
             from megatron_kaja.checkpoint.loading import load_mcore_weights
 
             impl = run.stack.transformer_impl  # the policy's layer spec: same kernels on a GPU
-            self.ref_model = build_gpt_model(
+            # Chunked as the policy (one per virtual stage under an interleaved pipeline): the
+            # reference pass runs the same schedule over the same layer split.
+            chunks = build_model_chunks(
                 arch,
                 transformer_impl=impl,
                 bf16=cfg.bf16,
@@ -225,8 +234,10 @@ class GRPOTrainer(Trainer):
                 # Its forward takes the policy's (padded) rows; SP shrinks its activations too.
                 sequence_parallel=cfg.sequence_parallel,
             )
-            load_mcore_weights(self.ref_model, ref_source, impl)
-            self.ref_model.requires_grad_(False).eval()
+            load_mcore_weights(chunks, ref_source, impl)
+            for chunk in chunks:
+                chunk.requires_grad_(False).eval()
+            self.ref_model = chunks[0] if len(chunks) == 1 else chunks
         tokenizer = run.tokenizer
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id
@@ -234,7 +245,7 @@ class GRPOTrainer(Trainer):
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.engine = build_rollout_engine(
             cfg.rollout_engine,
-            run.stack.model,
+            policy_model(run.stack),
             arch,
             EngineSettings(
                 eos_token_id=arch.eos_token_id,
@@ -254,12 +265,14 @@ class GRPOTrainer(Trainer):
         return {**run.cfg.model_dump(mode="json"), "ref_load": str(self.ref_source)}
 
     def describe(self, run: Run) -> str:
-        cfg = run.cfg
+        cfg, chunks = run.cfg, len(run.stack.model_chunks)
         return (
             f"{len(self.prompts)} prompts, {run.train_iters} steps, {self.grpo.prompts_per_step} "
             f"prompts x {self.grpo.num_generations} generations per step ({self.per_rank} per "
             f"DP rank), DP={self.dp} TP={cfg.tensor_model_parallel_size} "
-            f"PP={cfg.pipeline_model_parallel_size}, {cfg.rollout_engine} rollout engine"
+            f"PP={cfg.pipeline_model_parallel_size}"
+            + (f" x {chunks} virtual stages" if chunks > 1 else "")
+            + f", {cfg.rollout_engine} rollout engine"
         )
 
     def step(self, run: Run, iteration: int, log: bool) -> list[dict]:
@@ -269,11 +282,13 @@ class GRPOTrainer(Trainer):
         lr = stack.optimizer.param_groups[0]["lr"]
         synced = time.perf_counter()
         stack.sync_params()  # --overlap-param-gather: the last step left shards to gather
-        self.engine.load_weights(stack.model)  # the weights of the last update (or the start)
+        policy = policy_model(stack)
+        self.engine.load_weights(policy)  # the weights of the last update (or the start)
         synced = time.perf_counter() - synced
-        stack.model.train()
+        for chunk in stack.model_chunks:
+            chunk.train()
         step_metrics = grpo_step(
-            stack.model,
+            policy,
             self.ref_model,
             self.optimizer,
             self.schedule.stream(iteration, run.layout.dp_rank, self.per_rank, self.dp),

@@ -48,5 +48,7 @@ def test_gpu_check_cpu_runs_every_check(tmp_path):
     assert scale["sequence_parallel"]["sft_max_loss_rel_diff"] <= scale["sequence_parallel"]["tol"]
     assert scale["sequence_parallel"]["grpo_max_loss_diff"] <= scale["sequence_parallel"]["tol"]
     assert scale["virtual_pipeline"]["max_loss_rel_diff"] <= scale["virtual_pipeline"]["tol"]
-    for name in ("sft tp2_sp", "grpo tp2_sp", "sft pp2_vpp2", "sft bf16_overlap"):
+    assert scale["virtual_pipeline"]["grpo_max_loss_diff"] <= scale["virtual_pipeline"]["tol"]
+    assert min(scale["virtual_pipeline"]["grpo_grad_norms"]) > 0
+    for name in ("sft tp2_sp", "grpo tp2_sp", "sft pp2_vpp2", "grpo pp2_vpp2", "sft bf16_overlap"):
         assert f"== {name}: ok" in log, name

@@ -322,10 +322,10 @@ def test_reference_model_has_the_policys_layer_spec(
 
     def build_reference(arch, **kwargs):
         built.append(kwargs.get("transformer_impl", "local"))
-        return build_gpt_model(arch, **kwargs)
+        return build_model_chunks(arch, **kwargs)
 
-    build_gpt_model = trainer.build_gpt_model
-    monkeypatch.setattr(trainer, "build_gpt_model", build_reference)
+    build_model_chunks = trainer.build_model_chunks
+    monkeypatch.setattr(trainer, "build_model_chunks", build_reference)
     args = _args(grpo_setup, tiny_hf_dir, tmp_path, "--reward", "refusal_with_reason")
     args[args.index("--train-iters") + 1] = "1"
     metrics = trainer.train_grpo(load_config(args, GRPORunConfig))

@@ -17,13 +17,14 @@ from safetensors.torch import load_file
 from megatron_kaja.checkpoint.loading import load_mcore_weights
 from megatron_kaja.models.llama.config import LlamaArch
 from megatron_kaja.models.llama.export import hf_weight_groups
-from megatron_kaja.models.llama.model import build_gpt_model
+from megatron_kaja.models.llama.model import build_gpt_model, build_model_chunks
 from megatron_kaja.parallel.distributed import (
     compute_device,
     current_layout,
     destroy_model_parallel,
     init_process_group,
     initialize_model_parallel,
+    set_virtual_pipeline_size,
 )
 from megatron_kaja.rl.config import GRPOConfig
 from megatron_kaja.rl.engines import HFEngine
@@ -119,18 +120,36 @@ def run_layout(tp: int, hf_dir: str, mcore_dir: str) -> dict:
     return result
 
 
-def run_pipeline(pp: int, hf_dir: str, mcore_dir: str) -> dict:
-    """Sampling and a GRPO step (uneven micro-batches: 12 completions in 8 + 4) at PP=`pp`;
-    the results of the last stage."""
+def run_pipeline(
+    pp: int, hf_dir: str, mcore_dir: str, vpp: int | None = None, micro_batch: int = 8
+) -> dict:
+    """Sampling and a GRPO step (uneven micro-batches: 12 completions in 8 + 4) at PP=`pp`
+    (x `vpp` model chunks per stage: the policy and reference are lists of chunks); the
+    results of the last stage."""
     from megatron.core import parallel_state
-    from transformers import AutoTokenizer
 
     parallel_state.destroy_model_parallel()
     initialize_model_parallel(1, pp, seed=5)
+    set_virtual_pipeline_size(vpp)
     arch = LlamaArch.from_hf_config(hf_dir)
-    model, ref = build_gpt_model(arch), build_gpt_model(arch)
+    if vpp is None:
+        model, ref = build_gpt_model(arch), build_gpt_model(arch)
+        params = list(model.parameters())
+    else:
+        model, ref = build_model_chunks(arch), build_model_chunks(arch)
+        params = [p for chunk in model for p in chunk.parameters()]
     for m in (model, ref):
         load_mcore_weights(m, mcore_dir)
+    try:
+        return _pipeline_results(model, ref, params, arch, hf_dir, micro_batch)
+    finally:
+        set_virtual_pipeline_size(None)
+
+
+def _pipeline_results(model, ref, params, arch, hf_dir: str, micro_batch: int) -> dict:
+    from megatron.core import parallel_state
+    from transformers import AutoTokenizer
+
     common = dict(eos_token_id=arch.eos_token_id, pad_token_id=4, vocab_size=arch.vocab_size)
     greedy = generate(model, PROMPTS, SamplingParams(10, temperature=0.0), **common)
     sampled = generate(
@@ -146,7 +165,8 @@ def run_pipeline(pp: int, hf_dir: str, mcore_dir: str) -> dict:
         return [float(len(c) % 3 == 0) for c in completions]
 
     def fixed_logprobs():  # the sampled rows, in micro-batches of 8 and 4
-        model.eval()
+        for chunk in model if isinstance(model, list) else [model]:
+            chunk.eval()
         with torch.no_grad():
             parts = run_micro_batches(
                 model, sampled, [slice(0, 8), slice(8, 12)], temperature=0.9,
@@ -156,9 +176,9 @@ def run_pipeline(pp: int, hf_dir: str, mcore_dir: str) -> dict:
 
     before = fixed_logprobs()
     config = GRPOConfig(
-        max_new_tokens=4, num_generations=4, global_batch_size=12, micro_batch_size=8
+        max_new_tokens=4, num_generations=4, global_batch_size=12, micro_batch_size=micro_batch
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3)
     metrics = grpo_step(
         model, ref, opt, itertools.cycle(prompts), reward, config,
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
@@ -186,6 +206,9 @@ def main() -> None:
     init_process_group()
     results = {f"tp{tp}": run_layout(tp, hf_dir, mcore_dir) for tp in (1, 2)}
     results.update({f"pp{pp}": run_pipeline(pp, hf_dir, mcore_dir) for pp in (1, 2)})
+    # Interleaved: 2 chunks of one layer per stage; the step's 12 completions in micro-batches
+    # of 5 (5 + 5 + 2), a count the schedule fills up to 4 with an empty one.
+    results["pp2_vpp2"] = run_pipeline(2, hf_dir, mcore_dir, vpp=2, micro_batch=5)
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(results, f)

@@ -107,16 +107,19 @@ def test_grpo_refuses_what_its_sampler_cannot_take():
     base = ["--load", "m", "--tokenizer", "tok", "--prompts", "p.jsonl:safety",
             "--reward", "length"]  # fmt: skip
     for argv, flag in (
-        (
-            ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
-            "--num-layers-per-virtual-pipeline-stage",
-        ),
         (["--transformer-impl", "transformer_engine", "--fp8-format", "hybrid"], "--fp8-format"),
     ):
         with pytest.raises(ConfigError, match=f"{flag}: not supported by train_grpo.py"):
             load_settings(base + argv, GRPORunConfig)
     # What GRPO takes: sequence parallelism, overlapped grad reduce and param gather,
-    # recompute, uneven stages.
+    # recompute, uneven stages, an interleaved pipeline at any micro-batch count (the step
+    # fills the schedule's last group itself: 16 completions in micro-batches of 3 pass).
+    vpp = load_settings(
+        [*base, "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+         "1", "--num-generations", "4", "--global-batch-size", "16", "--micro-batch-size", "3"],
+        GRPORunConfig,
+    )  # fmt: skip
+    assert vpp.check_world(2) == 1
     cfg = load_settings(
         [*base, "--recompute-granularity", "full", "--use-distributed-optimizer",
          "--overlap-param-gather", "--overlap-grad-reduce", "--pipeline-model-parallel-size", "2",
