@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.helpers import run_torchrun
+from tests.rl.test_grpo_scale import RUNS as SCALE_RUNS
 from tests.rl.test_train_grpo import WORKER, _metrics, _weights, comparison_runs
 
 pytestmark = pytest.mark.slow
@@ -92,15 +93,8 @@ def test_interleaved_pipeline_resume_is_exact(runs):
         assert torch.equal(tensor, b[key]), key
 
 
-OVERLAP_RUNS = {
-    "dp2": ["--num-iterations", "2"],
-    "dp2_overlap": ["--num-iterations", "2", "--overlap-grad-reduce", "--ddp-bucket-size", "2000"],
-    "dp2_distopt": ["--num-iterations", "2", "--use-distributed-optimizer"],
-    "dp2_distopt_overlap": [
-        "--num-iterations", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
-        "--overlap-param-gather", "--ddp-bucket-size", "2000",
-    ],
-}  # fmt: skip
+# the DP=2 overlap runs of the GRPO scale test, each here under the interleaved pipeline
+OVERLAP_RUNS = {k: v for k, v in SCALE_RUNS.items() if k.startswith("dp2")}
 
 
 @pytest.fixture(scope="module")
