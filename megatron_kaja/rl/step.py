@@ -55,20 +55,24 @@ def sequence_multiple(model) -> int:
 
 
 def forward_inputs(gen: Generation, rows: slice, multiple: int = 1):
-    """`(tokens, valid, targets)` of the forward that scores `gen`'s responses in `rows`: each
-    sequence but its last token (position t predicts token t + 1, the target), right-padded
-    to a multiple of `multiple` positions. The padding is hidden from attention and, being
-    after every real position of a causal model, changes no real position's logits; nothing
-    reads its own."""
+    """`(tokens, valid)` of the forward that scores `gen`'s responses in `rows`: each sequence
+    but its last token (position t predicts token t + 1), right-padded to a multiple of
+    `multiple` positions. The padding is hidden from attention and, being after every real
+    position of a causal model, changes no real position's logits; nothing reads its own."""
     tokens = gen.sequences[rows, :-1]
     valid = gen.attention_valid[rows, :-1]
-    targets = gen.sequences[rows, 1:]
     extra = -tokens.size(1) % multiple
     if extra:
         tokens = torch.nn.functional.pad(tokens, (0, extra))
         valid = torch.nn.functional.pad(valid, (0, extra), value=False)
-        targets = torch.nn.functional.pad(targets, (0, extra))
-    return tokens, valid, targets
+    return tokens, valid
+
+
+def forward_targets(gen: Generation, rows: slice, length: int) -> torch.Tensor:
+    """The token each position of `forward_inputs`' rows (of `length`) predicts: the next one
+    (any id past the end: nothing reads the padding's)."""
+    targets = gen.sequences[rows, 1:]
+    return torch.nn.functional.pad(targets, (0, length - targets.size(1)))
 
 
 def left_padding_cu_seqlens(valid: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,8 @@ def response_logprobs(
 ) -> torch.Tensor:
     """Per-token log-probs `[rows, N]` of the responses `gen.response_ids[rows]` under `model`
     (one forward over prompt + response; differentiable when grad is enabled)."""
-    tokens, valid, targets = forward_inputs(gen, rows, sequence_multiple(model))
+    tokens, valid = forward_inputs(gen, rows, sequence_multiple(model))
+    targets = forward_targets(gen, rows, tokens.size(1))
     logits = stage_forward(model, tokens, valid)
     return scored_logprobs(
         model, logits, targets, gen, temperature=temperature, vocab_size=vocab_size
@@ -214,7 +219,8 @@ def _pipeline_micro_batches(chunks, gen, slices, loss_of, *, temperature, vocab_
     # The schedule sends [seq, micro-batch, hidden] tensors of one shape: a short last
     # micro-batch is filled up with copies of its last row, which no loss reads.
     size = max(s.stop - s.start for s in slices)
-    tokens, valid, targets = forward_inputs(gen, slice(0, n), sequence_multiple(chunks))
+    tokens, valid = forward_inputs(gen, slice(0, n), sequence_multiple(chunks))
+    targets = forward_targets(gen, slice(0, n), tokens.size(1))
     if len(slices) * size > n:
         extra = len(slices) * size - n
         tokens = torch.cat([tokens, tokens[-1:].expand(extra, -1)])
