@@ -277,6 +277,7 @@ class GRPOTrainer(Trainer):
             f"DP rank), DP={self.dp} TP={cfg.tensor_model_parallel_size} "
             f"PP={cfg.pipeline_model_parallel_size}"
             + (f" x {chunks} virtual stages" if chunks > 1 else "")
+            + (f" CP={cfg.context_parallel_size}" if cfg.context_parallel_size > 1 else "")
             + f", {cfg.rollout_engine} rollout engine"
         )
 
