@@ -181,6 +181,11 @@ def run_micro_batches(
         # weights had as many backwards as in the first step, and a step's number of
         # micro-batches varies (dynamic sampling drops groups); under no_sync that count is 1.
         no_sync = getattr(model.config, "no_sync_func", None) or contextlib.nullcontext
+        # Context parallelism: every CP rank computes the whole rows' loss (`scored_logprobs`)
+        # and backpropagates it through its own tokens, so the CP ranks' gradients sum to the
+        # loss's; megatron DDP averages over DP x CP, hence the loss is scaled by CP, as
+        # megatron-core 0.16.1's pipeline schedule scales a loss_func's `(loss, info)`.
+        cp_size = model.config.context_parallel_size
         results = []
         for index, rows in enumerate(slices):
             logp = response_logprobs(model, gen, rows, **kw)
@@ -190,7 +195,7 @@ def run_micro_batches(
                 loss, info = loss_of(rows, logp)
                 last = index == len(slices) - 1
                 with contextlib.nullcontext() if last else no_sync():
-                    loss.backward()
+                    (loss * cp_size).backward()
                 results.append(info)
         return results
     return _pipeline_micro_batches(model_chunks(model), gen, slices, loss_of, **kw)
@@ -242,8 +247,8 @@ def _pipeline_micro_batches(chunks, gen, slices, loss_of, *, temperature, vocab_
                 return logp.sum() * 0.0, {}
             loss, info = loss_of(rows, logp)
             results.append(info)
-            # The schedule divides by the number of micro-batches; ours are already summed
-            # shares of the whole batch's loss.
+            # The schedule divides by the number of micro-batches (ours are already summed
+            # shares of the whole batch's loss) and multiplies by CP (see run_micro_batches).
             return loss * len(slices), {}
 
         return output, loss_func
@@ -387,10 +392,6 @@ def grpo_step(
         dist.all_reduce(counts, group=data_parallel_group)
     normalizer = max(float(counts[0]), 1.0) / dp_size
     token_share = max(float(counts[1]), 1.0) / dp_size  # metrics: token means over the step
-    # Context parallelism: every CP rank computes the whole rows' loss (`scored_logprobs`)
-    # and backpropagates it through its own tokens, so the CP ranks' gradients sum to the
-    # loss's; megatron DDP averages over DP x CP, hence the loss is scaled by CP.
-    cp_size = model_chunks(model)[0].config.context_parallel_size
 
     def loss_of(rows: slice, logp: torch.Tensor):
         out = clipped_policy_loss(
@@ -409,7 +410,7 @@ def grpo_step(
         share = float(out.num_tokens) / token_share
         info = {"loss": float(out.loss.detach()), "clip_frac": float(out.clip_frac) * share}
         info["kl"] = float(out.kl) * share
-        return out.loss * cp_size, info
+        return out.loss, info
 
     totals = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0}
     with _timed(metrics, "t_update"):

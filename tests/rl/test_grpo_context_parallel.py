@@ -7,7 +7,8 @@ completions, rewards, losses, KL, clip fraction, gradient norm and updated weigh
   multiple of 2 x CP; the 7-token pair under the `sequence` loss aggregation, whose
   per-token weights need each whole row's token count;
 - one 4-process launch: CP=2 x TP=2 with `--sequence-parallel` against TP=2 with it (rows
-  padded to a multiple of lcm(2 x CP, CP x TP)).
+  padded to a multiple of lcm(2 x CP, CP x TP)), and CP=2 x PP=2 against PP=2 (the sampler
+  passes whole rows' activations between stages, the pipeline schedule's passes split rows).
 """
 
 import json
@@ -24,6 +25,7 @@ STEPS = 2
 SDPA = ["--transformer-impl", "sdpa"]
 CP2 = ["--context-parallel-size", "2"]
 TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+PP2 = ["--pipeline-model-parallel-size", "2"]
 NEW6 = ["--max-new-tokens", "6"]
 NEW7_SEQ = ["--max-new-tokens", "7", "--loss-aggregation", "sequence"]
 LAUNCHES = {
@@ -36,12 +38,15 @@ LAUNCHES = {
     4: {
         "tp2_sp": [*TP2_SP, *NEW6],
         "cp2_tp2_sp": [*TP2_SP, *NEW6, *CP2],
+        "pp2": [*PP2, *NEW6],
+        "cp2_pp2": [*PP2, *NEW6, *CP2],
     },
 }
 PAIRS = {  # the CP=2 run: (the run without CP, its launch's size)
     "cp2_new6": ("cp1_new6", 2),
     "cp2_new7_seq": ("cp1_new7_seq", 2),
     "cp2_tp2_sp": ("tp2_sp", 4),
+    "cp2_pp2": ("pp2", 4),
 }
 
 
