@@ -8,7 +8,9 @@ work. megatron-core's `RotaryEmbedding` picks the same chunks of its table for n
 (`get_pos_emb_on_this_cp_rank`), so RoPE needs nothing from us beyond the full row length.
 
 A loss that is not a sum over tokens (DPO's, of per-answer log-prob sums) needs the CP
-group's total of each rank's part first: `sum_over_context_parallel`.
+group's total of each rank's part first: `sum_over_context_parallel`. GRPO's per-token
+weights depend on whole rows; it gathers every rank's per-token log-probs into the whole
+rows instead (`whole_rows`), each rank backpropagating through its own part only.
 """
 
 from __future__ import annotations
@@ -82,3 +84,22 @@ def gather_sequence(tensor: torch.Tensor, group) -> torch.Tensor:
     return gather_from_sequence_parallel_region(
         tensor, tensor_parallel_output_grad=True, group=group
     )
+
+
+def whole_rows(local: torch.Tensor, seq_length: int, group) -> torch.Tensor:
+    """The whole rows `[b, seq_length]` of a per-token value of which this CP rank holds its
+    zigzag part `local` `[b, seq_length / CP]`, the same on every rank of the CP `group`.
+
+    Only the rank's own part carries a gradient: every CP rank computes the same loss from the
+    whole rows and backpropagates it through its own tokens, so the ranks' parameter
+    gradients, summed by DDP over DP x CP, hold every token's contribution once (as
+    `sum_over_context_parallel`'s)."""
+    import torch.distributed as dist
+
+    cp, rank = group.size(), group.rank()
+    parts = [torch.empty_like(local) for _ in range(cp)]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    whole = torch.empty(local.size(0), seq_length, dtype=local.dtype, device=local.device)
+    order = gathered_positions(seq_length, cp, local.device)
+    whole = whole.index_copy(1, order, torch.cat(parts, dim=1))
+    return whole.index_copy(1, zigzag_positions(seq_length, cp, rank, local.device), local)

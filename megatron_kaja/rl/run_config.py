@@ -17,10 +17,8 @@ from megatron_kaja.training.settings import RunSettings
 
 _D = GRPOConfig  # its class attributes are the algorithm's defaults
 
-# The scale settings GRPO cannot take yet, and why: the builtin sampler decodes one token at
-# a time, passing each step's activations from stage to stage (docs/scale.md, GRPO).
+# The scale settings GRPO cannot take yet, and why (docs/scale.md, GRPO).
 GRPO_UNSUPPORTED_SCALE = {
-    "context_parallel_size": "the sampler does not split sequences over ranks",
     "fp8_format": "the sampler's one-token GEMMs do not meet FP8's shape rules",
 }
 
@@ -123,6 +121,11 @@ class GRPORunConfig(RunSettings):
                 f"--pipeline-model-parallel-size {self.pipeline_model_parallel_size} needs "
                 f"--rollout-engine builtin (the {self.rollout_engine} engine takes the whole "
                 "model's weights from one stage; split it with TP instead)"
+            )
+        if self.context_parallel_size > 1 and self.rollout_engine != "builtin":
+            raise ValueError(
+                f"--context-parallel-size {self.context_parallel_size} needs --rollout-engine "
+                f"builtin (the {self.rollout_engine} engine is not run under context parallelism)"
             )
         for spec in self.prompts:
             path, _, kind = spec.rpartition(":")

@@ -30,6 +30,10 @@ step feeds one new position per row, which cannot be split over the TP ranks alo
 sequence. The layers compute the same numbers either way (only where the activations between
 the tensor-parallel regions live changes), so the samples are those of the SP-less model.
 
+Context parallelism (`--context-parallel-size`) is switched off too: CP shards no weights,
+so every CP rank decodes the whole rows alone (the log-prob and update passes split them);
+CP rank 0's samples are then broadcast over the CP group.
+
 Pipeline parallelism: every stage keeps its own KV cache; at each step a stage receives the
 previous stage's hidden states for the new positions, runs its layers and sends its output
 on; the last stage samples and broadcasts the new tokens (and their log-probs) to the
@@ -178,6 +182,52 @@ def sequence_parallel_off(model):
     finally:
         for owner, attr, value in saved:
             setattr(owner, attr, value)
+
+
+@contextlib.contextmanager
+def context_parallel_off(model):
+    """Run `model` (a module, or a list of chunks) without context parallelism inside the
+    block, and restore every switch afterwards. CP shards no weights, so each CP rank can
+    decode whole rows alone. What megatron-core 0.16.1 and our attention read of CP at
+    forward time: the configs' `context_parallel_size` (RoPE's `get_rotary_seq_len` multiplies
+    the table's length by it), RoPE's `cp_group` (it keeps this rank's chunks of the table)
+    and `SDPAttention.cp_group` (it gathers keys and values over it)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_kaja.models.llama.sdpa import SDPAttention
+
+    saved = []
+    # RoPE's forward is an lru_cache keyed by its arguments, not by `cp_group`: a table made
+    # with CP off would be served to the split forwards after it (and the other way round).
+    RotaryEmbedding.forward.cache_clear()
+    for module in (m for chunk in model_chunks(model) for m in chunk.modules()):
+        config = getattr(module, "config", None)
+        size = getattr(config, "context_parallel_size", 1)
+        if size > 1:
+            saved.append((config, "context_parallel_size", size))
+            config.context_parallel_size = 1
+        if isinstance(module, RotaryEmbedding | SDPAttention) and module.cp_group is not None:
+            saved.append((module, "cp_group", module.cp_group))
+            module.cp_group = None
+    try:
+        yield
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
+        RotaryEmbedding.forward.cache_clear()
+
+
+def _share_over_context_parallel(model, *tensors: torch.Tensor) -> None:
+    """Overwrite `tensors` with CP rank 0's on every rank of its CP group. The CP ranks decode
+    the same rows with the same weights and seeds, so they sample the same tokens already;
+    the broadcast makes that exact whatever the kernels' reduction order."""
+    if model_chunks(model)[0].config.context_parallel_size == 1:
+        return
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_context_parallel_group()
+    for tensor in tensors:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, 0), group=group)
 
 
 def last_token_logits(model, tokens, valid, inference_context=None) -> torch.Tensor:
@@ -418,7 +468,7 @@ def generate(
     for chunk in chunks:
         chunk.eval()
     steps = 0
-    with sequence_parallel_off(chunks):
+    with sequence_parallel_off(chunks), context_parallel_off(chunks):
         try:
             for step in range(params.max_new_tokens):
                 end = width + step
@@ -453,6 +503,9 @@ def generate(
         finally:
             for chunk, mode in zip(chunks, was_training, strict=True):
                 chunk.train(mode)
+    steps_done = torch.tensor([steps], device=device)
+    _share_over_context_parallel(chunks, tokens, valid, logprobs, steps_done)
+    steps = int(steps_done)
     return Generation(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

@@ -44,10 +44,14 @@ def _timed(metrics: dict, name: str):
 
 
 def sequence_multiple(model) -> int:
-    """What the length of the rows `model` takes must divide by: the TP size under sequence
-    parallelism (each TP rank holds 1 / TP of the sequence between the parallel regions)."""
+    """What the length of the rows `model` takes must divide by: 2 x CP under context
+    parallelism (each CP rank holds 2 of 2 x CP chunks of a row), and each rank's part must
+    divide by the TP size under sequence parallelism (TP ranks hold 1 / TP of it between the
+    parallel regions): the least common multiple of 2 x CP and CP x TP."""
     config = model_chunks(model)[0].config
-    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+    tp = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    cp = config.context_parallel_size
+    return math.lcm(2 * cp, cp * tp) if cp > 1 else tp
 
 
 def forward_inputs(gen: Generation, rows: slice, multiple: int = 1):
@@ -64,19 +68,83 @@ def forward_inputs(gen: Generation, rows: slice, multiple: int = 1):
     return tokens, valid
 
 
+def forward_targets(gen: Generation, rows: slice, length: int) -> torch.Tensor:
+    """The token each position of `forward_inputs`' rows (of `length`) predicts: the next one
+    (any id past the end: nothing reads the padding's)."""
+    targets = gen.sequences[rows, 1:]
+    return torch.nn.functional.pad(targets, (0, length - targets.size(1)))
+
+
+def left_padding_cu_seqlens(valid: torch.Tensor) -> torch.Tensor:
+    """`cu_seqlens` over the `[b, s]` rows that cut each row at its first real token: the
+    left padding is a sample of its own, so the prompt and response attend only to
+    themselves (the right padding after them is causal, hence invisible to them). Each row's
+    real tokens must be one run (a left-padded prompt, then its response)."""
+    s = valid.size(1)
+    count = valid.sum(dim=1)
+    first = valid.int().argmax(dim=1)
+    last = s - 1 - valid.flip(1).int().argmax(dim=1)
+    if bool(((last - first + 1 != count) & (count > 0)).any()):
+        raise ValueError("rows to score under context parallelism need one run of real tokens")
+    bounds = [0]
+    for row, start in enumerate(first.tolist()):
+        if start:
+            bounds.append(row * s + start)
+        bounds.append((row + 1) * s)
+    return torch.tensor(bounds, dtype=torch.int32, device=valid.device)
+
+
+def stage_forward(stage, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`stage`'s output for the rows `tokens` (real positions `valid`): logits `[b, s, vocab
+    / TP]` on the last pipeline stage. Under context parallelism the rows go through the sdpa
+    backend's forward, which feeds this rank's zigzag part of them (`[b, s / CP, ...]` out)
+    with the rows' `cu_seqlens` (`left_padding_cu_seqlens`)."""
+    if stage.config.context_parallel_size == 1:
+        positions = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
+        return stage(tokens, positions, causal_padding_mask(valid))
+    from megatron_kaja.models.llama.attention import attention_backend
+
+    batch = {
+        "tokens": tokens,
+        # sbhd rows under RoPE: positions are relative; megatron-core reads none of these.
+        "position_ids": torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens),
+        "cu_seqlens": left_padding_cu_seqlens(valid),
+    }
+    output, _ = attention_backend("sdpa").forward(stage, batch)
+    return output
+
+
+def scored_logprobs(
+    stage, logits: torch.Tensor, targets: torch.Tensor, gen: Generation, **kw
+) -> torch.Tensor:
+    """Per-token log-probs `[b, N]` of the responses from `stage`'s `logits` for rows whose
+    next tokens are `targets` `[b, s]`. Under context parallelism the logits hold this rank's
+    part of the rows: its log-probs are gathered into the whole rows (`whole_rows`; the
+    gradient stays with the rank's own part)."""
+    width, length = gen.prompt_ids.size(1), gen.sequences.size(1) - 1
+    if stage.config.context_parallel_size == 1:
+        # Position t predicts token t + 1: the response starts at `width`.
+        return token_logprobs(logits[:, width - 1 : length], targets[:, width - 1 : length], **kw)
+    from megatron.core import parallel_state as ps
+
+    from megatron_kaja.parallel.context_parallel import whole_rows, zigzag_positions
+
+    cp, s = stage.config.context_parallel_size, targets.size(1)
+    index = zigzag_positions(s, cp, ps.get_context_parallel_rank(), targets.device)
+    local = token_logprobs(logits, targets.index_select(1, index), **kw)
+    return whole_rows(local, s, ps.get_context_parallel_group())[:, width - 1 : length]
+
+
 def response_logprobs(
     model, gen: Generation, rows: slice, *, temperature: float, vocab_size: int
 ) -> torch.Tensor:
     """Per-token log-probs `[rows, N]` of the responses `gen.response_ids[rows]` under `model`
     (one forward over prompt + response; differentiable when grad is enabled)."""
     tokens, valid = forward_inputs(gen, rows, sequence_multiple(model))
-    width, length = gen.prompt_ids.size(1), gen.sequences.size(1) - 1
-    positions = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
-    logits = model(tokens, positions, causal_padding_mask(valid))
-    # Position t predicts token t + 1: the response starts at `width`.
-    logits = logits[:, width - 1 : length]
-    return token_logprobs(
-        logits, gen.response_ids[rows], temperature=temperature, vocab_size=vocab_size
+    targets = forward_targets(gen, rows, tokens.size(1))
+    logits = stage_forward(model, tokens, valid)
+    return scored_logprobs(
+        model, logits, targets, gen, temperature=temperature, vocab_size=vocab_size
     )
 
 
@@ -113,6 +181,11 @@ def run_micro_batches(
         # weights had as many backwards as in the first step, and a step's number of
         # micro-batches varies (dynamic sampling drops groups); under no_sync that count is 1.
         no_sync = getattr(model.config, "no_sync_func", None) or contextlib.nullcontext
+        # Context parallelism: every CP rank computes the whole rows' loss (`scored_logprobs`)
+        # and backpropagates it through its own tokens, so the CP ranks' gradients sum to the
+        # loss's; megatron DDP averages over DP x CP, hence the loss is scaled by CP, as
+        # megatron-core 0.16.1's pipeline schedule scales a loss_func's `(loss, info)`.
+        cp_size = model.config.context_parallel_size
         results = []
         for index, rows in enumerate(slices):
             logp = response_logprobs(model, gen, rows, **kw)
@@ -122,7 +195,7 @@ def run_micro_batches(
                 loss, info = loss_of(rows, logp)
                 last = index == len(slices) - 1
                 with contextlib.nullcontext() if last else no_sync():
-                    loss.backward()
+                    (loss * cp_size).backward()
                 results.append(info)
         return results
     return _pipeline_micro_batches(model_chunks(model), gen, slices, loss_of, **kw)
@@ -152,31 +225,30 @@ def _pipeline_micro_batches(chunks, gen, slices, loss_of, *, temperature, vocab_
     # micro-batch is filled up with copies of its last row, which no loss reads.
     size = max(s.stop - s.start for s in slices)
     tokens, valid = forward_inputs(gen, slice(0, n), sequence_multiple(chunks))
+    targets = forward_targets(gen, slice(0, n), tokens.size(1))
     if len(slices) * size > n:
         extra = len(slices) * size - n
         tokens = torch.cat([tokens, tokens[-1:].expand(extra, -1)])
         valid = torch.cat([valid, valid[-1:].expand(extra, -1)])
-    width, length = gen.prompt_ids.size(1), gen.sequences.size(1) - 1
-    positions = torch.arange(tokens.size(1), device=tokens.device).expand(size, -1)
     results: list = []
 
     def forward_step(data_iterator, stage):
         rows = next(data_iterator)
         padded = slice(rows.start, rows.start + size)
-        output = stage(tokens[padded], positions, causal_padding_mask(valid[padded]))
+        output = stage_forward(stage, tokens[padded], valid[padded])
 
         def loss_func(logits):
             if rows.stop == rows.start:  # an empty micro-batch that fills a group
                 return logits.sum() * 0.0, {}
-            real = logits[: rows.stop - rows.start, width - 1 : length]
-            logp = token_logprobs(real, gen.response_ids[rows], **kw)
+            real = logits[: rows.stop - rows.start]
+            logp = scored_logprobs(stage, real, targets[rows], gen, **kw)
             if loss_of is None:
                 results.append(logp)
                 return logp.sum() * 0.0, {}
             loss, info = loss_of(rows, logp)
             results.append(info)
-            # The schedule divides by the number of micro-batches; ours are already summed
-            # shares of the whole batch's loss.
+            # The schedule divides by the number of micro-batches (ours are already summed
+            # shares of the whole batch's loss) and multiplies by CP (see run_micro_batches).
             return loss * len(slices), {}
 
         return output, loss_func

@@ -111,16 +111,21 @@ def build_reward_fn(cfg: GRPORunConfig):
 
 
 def model_parallel_shared(reward_fn):
-    """Score on the first rank of each model-parallel group (TP x PP) only and share the
+    """Score on the first rank of each model-parallel group (TP x PP x CP) only and share the
     result: those ranks hold identical rollouts, so the judge sees each completion once per
-    data-parallel rank, not once per TP or pipeline rank."""
+    data-parallel rank, not once per TP, pipeline or context-parallel rank."""
     from megatron.core import parallel_state as ps
 
     def reward(prompts, completions, **columns):
-        group = ps.get_model_parallel_group()
-        payload = [
-            reward_fn(prompts, completions, **columns) if dist.get_rank(group=group) == 0 else None
-        ]
+        group, cp_group = ps.get_model_parallel_group(), ps.get_context_parallel_group()
+        first = dist.get_rank(group=group) == 0 and dist.get_rank(group=cp_group) == 0
+        payload = [reward_fn(prompts, completions, **columns) if first else None]
+        # megatron-core's model-parallel group is TP x PP: first CP rank 0's scores reach the
+        # other CP ranks (each the first of its own TP x PP group), then every group's ranks.
+        if dist.get_world_size(group=cp_group) > 1:
+            dist.broadcast_object_list(
+                payload, src=dist.get_global_rank(cp_group, 0), group=cp_group
+            )
         dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
         return payload[0]
 
@@ -272,6 +277,7 @@ class GRPOTrainer(Trainer):
             f"DP rank), DP={self.dp} TP={cfg.tensor_model_parallel_size} "
             f"PP={cfg.pipeline_model_parallel_size}"
             + (f" x {chunks} virtual stages" if chunks > 1 else "")
+            + (f" CP={cfg.context_parallel_size}" if cfg.context_parallel_size > 1 else "")
             + f", {cfg.rollout_engine} rollout engine"
         )
 

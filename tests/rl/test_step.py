@@ -218,3 +218,18 @@ def test_overlapped_grad_reduce_takes_any_number_of_micro_batches(megatron_world
     assert grads[0].abs().max() > 0
     for other in grads[1:]:
         torch.testing.assert_close(other, grads[0], atol=1e-5, rtol=1e-5)
+
+
+def test_context_parallel_rows_cut_at_their_left_padding():
+    """Under context parallelism the scoring rows go through the sdpa backend as samples of
+    `cu_seqlens`: each row is cut where its real tokens start (a row without left padding
+    is one sample), so its prompt and response attend to themselves only; real tokens in
+    more than one run are refused."""
+    from megatron_kaja.rl.step import left_padding_cu_seqlens
+
+    valid = torch.tensor(
+        [[False, False, True, True, True, False], [True, True, True, True, False, False]]
+    )
+    assert left_padding_cu_seqlens(valid).tolist() == [0, 2, 6, 12]
+    with pytest.raises(ValueError, match="one run of real tokens"):
+        left_padding_cu_seqlens(torch.tensor([[True, False, True, False]]))

@@ -76,15 +76,30 @@ def test_row_length_must_split_into_two_chunks_per_cp_rank(caplog):
     assert caplog.messages[-1] == "--context-parallel-size 2 needs --seq-length 4098 divisible by 4"
 
 
-def test_grpo_still_refuses_context_parallelism(caplog):
-    # (DPO splits its pair rows: tests/preference/test_dpo_context_parallel.py)
+GRPO = ["--prompts", "nowhere/p.jsonl:safety", "--reward", "length"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            ["--transformer-impl", "local"],
+            "--context-parallel-size 2 with --transformer-impl local: megatron-core's local "
+            "DotProductAttention takes no context parallelism; use --transformer-impl sdpa",
+        ),
+        (
+            ["--rollout-engine", "hf"],
+            "--context-parallel-size 2 needs --rollout-engine builtin (the hf engine is not run "
+            "under context parallelism)",
+        ),
+    ],
+)
+def test_grpo_refuses_context_parallelism_where_it_cannot_split_rows(caplog, argv, line):
+    # (GRPO under CP on sdpa: tests/rl/test_grpo_context_parallel.py)
     from megatron_kaja.rl.trainer import main as grpo_main
 
-    assert grpo_main([*BASE, "--prompts", "nowhere/p.jsonl:safety", "--reward", "length"]) == 2
-    assert caplog.messages[-1].endswith(
-        "--context-parallel-size: not supported by train_grpo.py (the sampler does not split "
-        "sequences over ranks)"
-    )
+    assert grpo_main([*BASE, *GRPO, *argv]) == 2
+    assert caplog.messages[-1].endswith(line) and "\n" not in caplog.messages[-1]
 
 
 def test_sdpa_is_the_backend_under_context_parallelism():
