@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megatron_kaja.rl.step import interleaved_micro_batch_count
 from megatron_kaja.training.launch import describe_optimizer, plan_layout, start_plan
 from megatron_kaja.training.memory import GIB, estimate_grpo_memory
 
@@ -16,14 +17,23 @@ def plan_grpo(cfg) -> int:
     grpo = cfg.grpo_config()
     per_rank = cfg.global_batch_size // dp  # completions per DP rank and step
     accumulation = -(-per_rank // cfg.micro_batch_size)
+    accumulation_note = ""
+    if cfg.virtual_pipeline_size(arch):
+        # the interleaved schedule runs whole groups of PP micro-batches (`rl/step.py`)
+        scheduled = interleaved_micro_batch_count(accumulation, pp)
+        if scheduled > accumulation:
+            accumulation_note = f" (+{scheduled - accumulation} empty: groups of PP)"
+        accumulation = scheduled
     seq = cfg.max_prompt_length + cfg.max_new_tokens
+    cp = cfg.context_parallel_size
     report.add(
-        f"layout: TP={tp} x PP={pp} x DP={dp}; {grpo.prompts_per_step} prompts x "
-        f"{cfg.num_generations} "
+        f"layout: TP={tp} x PP={pp} x DP={dp}{f' x CP={cp}' if cp > 1 else ''}; "
+        f"{grpo.prompts_per_step} prompts x {cfg.num_generations} "
         f"generations = {cfg.global_batch_size} completions per step, {per_rank} per DP rank "
-        f"= micro-batch {cfg.micro_batch_size} x {accumulation} accumulation steps; sequences "
+        f"= micro-batch {cfg.micro_batch_size} x {accumulation} accumulation steps"
+        f"{accumulation_note}; sequences "
         f"<= {cfg.max_prompt_length} prompt + {cfg.max_new_tokens} new tokens; "
-        f"{describe_optimizer(cfg)}; reference model: "
+        f"{describe_optimizer(cfg)}; scale: {cfg.describe_scale()}; reference model: "
         f"{'yes (beta ' + str(cfg.beta) + ')' if cfg.beta > 0 else 'none (beta 0)'}"
     )
     judge = ", ".join(cfg.reward)

@@ -147,3 +147,26 @@ def test_dry_run_counts_the_scale_settings_and_recommends(capsys, monkeypatch):
     assert main([*common, "--sequence-parallel"]) == 0
     sp = capsys.readouterr().out
     assert "scale: sequence parallel" in sp and "total (peak)" in sp and "69.31 GiB" in sp
+
+
+def test_grpo_dry_run_shows_context_parallel_and_the_interleaved_schedules_micro_batches(
+    capsys, monkeypatch
+):
+    from megatron_kaja.rl.trainer import main
+
+    for var in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_NUM_NODES"):
+        monkeypatch.delenv(var, raising=False)
+    # 16 completions per DP rank in micro-batches of 3: 6 micro-batches, run as 8 (groups of
+    # PP=4 under the interleaved schedule); CP=2 on 32 ranks of TP=2 x PP=4 leaves DP=2.
+    argv = ["--model-preset", "llm-jp-3-13b", "--load", "nowhere", "--tokenizer", "nowhere",
+            "--prompts", "nowhere.jsonl:safety", "--reward", "length", "--dry-run",
+            "--allow-missing-files", "--bf16", "--use-distributed-optimizer",
+            "--world-size", "32", "--tensor-model-parallel-size", "2",
+            "--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage",
+            "5", "--context-parallel-size", "2", "--num-generations", "8",
+            "--global-batch-size", "32", "--micro-batch-size", "3"]  # fmt: skip
+    main(argv)
+    out = capsys.readouterr().out
+    assert "layout: TP=2 x PP=4 x DP=2 x CP=2;" in out, out
+    assert "micro-batch 3 x 8 accumulation steps (+2 empty: groups of PP)" in out, out
+    assert "scale: " in out and "CP=2" in out.split("scale: ")[1], out
