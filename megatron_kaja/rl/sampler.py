@@ -162,26 +162,36 @@ _SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "reduce_scatter_embeddings")
 
 
 @contextlib.contextmanager
+def _attributes_set(changes: list[tuple[object, str, object]]):
+    """Set each (owner, attribute, value) of `changes` inside the block and restore what
+    every attribute held before afterwards, also on failure (an owner may come twice)."""
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in changes]
+    for owner, attr, value in changes:
+        setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        for owner, attr, value in reversed(saved):
+            setattr(owner, attr, value)
+
+
+def _modules(model):
+    return (m for chunk in model_chunks(model) for m in chunk.modules())
+
+
 def sequence_parallel_off(model):
     """Run `model` (a module, or a list of chunks) without sequence parallelism inside the
     block, and restore every switch as it was afterwards: its config objects'
     `sequence_parallel` (read by the embedding, RoPE and the transformer block at forward
     time) and the copies its modules took."""
-    saved = []
-    for module in (m for chunk in model_chunks(model) for m in chunk.modules()):
-        config = getattr(module, "config", None)
-        if getattr(config, "sequence_parallel", False):
-            saved.append((config, "sequence_parallel", True))
-        for attr in _SEQUENCE_PARALLEL_ATTRS:
-            if module.__dict__.get(attr) is True:
-                saved.append((module, attr, True))
-    for owner, attr, _ in saved:
-        setattr(owner, attr, False)
-    try:
-        yield
-    finally:
-        for owner, attr, value in saved:
-            setattr(owner, attr, value)
+    changes = []
+    for module in _modules(model):
+        if getattr(getattr(module, "config", None), "sequence_parallel", False):
+            changes.append((module.config, "sequence_parallel", False))
+        changes += [
+            (module, a, False) for a in _SEQUENCE_PARALLEL_ATTRS if module.__dict__.get(a) is True
+        ]
+    return _attributes_set(changes)
 
 
 @contextlib.contextmanager
@@ -196,24 +206,19 @@ def context_parallel_off(model):
 
     from megatron_kaja.models.llama.sdpa import SDPAttention
 
-    saved = []
+    changes = []
+    for module in _modules(model):
+        if getattr(getattr(module, "config", None), "context_parallel_size", 1) > 1:
+            changes.append((module.config, "context_parallel_size", 1))
+        if isinstance(module, RotaryEmbedding | SDPAttention) and module.cp_group is not None:
+            changes.append((module, "cp_group", None))
     # RoPE's forward is an lru_cache keyed by its arguments, not by `cp_group`: a table made
     # with CP off would be served to the split forwards after it (and the other way round).
     RotaryEmbedding.forward.cache_clear()
-    for module in (m for chunk in model_chunks(model) for m in chunk.modules()):
-        config = getattr(module, "config", None)
-        size = getattr(config, "context_parallel_size", 1)
-        if size > 1:
-            saved.append((config, "context_parallel_size", size))
-            config.context_parallel_size = 1
-        if isinstance(module, RotaryEmbedding | SDPAttention) and module.cp_group is not None:
-            saved.append((module, "cp_group", module.cp_group))
-            module.cp_group = None
     try:
-        yield
+        with _attributes_set(changes):
+            yield
     finally:
-        for owner, attr, value in reversed(saved):
-            setattr(owner, attr, value)
         RotaryEmbedding.forward.cache_clear()
 
 
