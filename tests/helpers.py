@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,15 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 600)
             f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc.stdout
+
+
+def torchrun_result(script: str | Path, nproc: int, *args: str, timeout: int = 600) -> dict:
+    """`run_torchrun`, then the JSON a worker printed on its `RESULT ` line (also printed
+    here: `pytest -s` shows the measured figures)."""
+    out = run_torchrun(script, nproc, *args, timeout=timeout)
+    line = next(row for row in out.splitlines() if row.startswith("RESULT "))
+    print(line)
+    return json.loads(line.removeprefix("RESULT "))
 
 
 def checkpoint_weights(ckpt) -> dict:

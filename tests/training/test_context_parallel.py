@@ -3,22 +3,17 @@ without it in losses and updated weights, alone, with TP=2 and sequence parallel
 PP=2 (cp_worker.py, one 4-process launch); a CP=2 checkpoint resumes at CP=1; the backends
 that cannot split rows and GRPO refuse it in one line, exit 2, before any compute."""
 
-import json
-
 import pytest
 
 from megatron_kaja.training.sft import main as sft_main
-from tests.helpers import REPO, run_torchrun
+from tests.helpers import REPO, torchrun_result
 
 WORKER = REPO / "tests" / "training" / "cp_worker.py"
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = run_torchrun(WORKER, 4, str(tmp_path_factory.mktemp("cp")), timeout=1200)
-    line = next(row for row in out.splitlines() if row.startswith("RESULT "))
-    print(line)  # the measured differences (pytest -s shows them)
-    return json.loads(line.removeprefix("RESULT "))
+    return torchrun_result(WORKER, 4, str(tmp_path_factory.mktemp("cp")), timeout=1200)
 
 
 @pytest.mark.slow

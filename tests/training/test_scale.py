@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from tests.helpers import REPO, run_torchrun
+from tests.helpers import REPO, run_torchrun, torchrun_result
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,7 @@ WORKER = REPO / "tests" / "training" / "scale_worker.py"
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = run_torchrun(WORKER, 4, str(tmp_path_factory.mktemp("scale")), timeout=1200)
-    line = next(row for row in out.splitlines() if row.startswith("RESULT "))
-    print(line)  # the measured differences (pytest -s shows them)
-    return json.loads(line.removeprefix("RESULT "))
+    return torchrun_result(WORKER, 4, str(tmp_path_factory.mktemp("scale")), timeout=1200)
 
 
 def test_training_moves_the_weights(results):
