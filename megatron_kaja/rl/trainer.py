@@ -184,11 +184,15 @@ def _mean_over_data_parallel(metrics: dict) -> dict:
     return merge_rank_metrics(per_rank)
 
 
-def policy_model(stack):
-    """The policy as `grpo_step` and the rollout engine take it: this rank's GPTModel, or the
+def model_or_chunks(chunks: list):
+    """A model as `grpo_step` and the rollout engine take it: this rank's GPTModel, or the
     list of its chunks under an interleaved pipeline."""
-    chunks = stack.model_chunks
     return chunks[0] if len(chunks) == 1 else chunks
+
+
+def policy_model(stack):
+    """The policy as `grpo_step` and the rollout engine take it (`model_or_chunks`)."""
+    return model_or_chunks(stack.model_chunks)
 
 
 class GRPOTrainer(Trainer):
@@ -242,7 +246,7 @@ class GRPOTrainer(Trainer):
             load_mcore_weights(chunks, ref_source, impl)
             for chunk in chunks:
                 chunk.requires_grad_(False).eval()
-            self.ref_model = chunks[0] if len(chunks) == 1 else chunks
+            self.ref_model = model_or_chunks(chunks)
         tokenizer = run.tokenizer
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else arch.eos_token_id
